@@ -1,0 +1,1 @@
+"""Label Studio ML backend: translates Label Studio JSON to and from lazyxmem_core types."""

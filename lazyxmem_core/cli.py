@@ -1,0 +1,229 @@
+"""The ``lazyxmem`` command: propagate, score, eval."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .engines import PROPAGATORS, REFINERS, EngineSettings, build_propagator, build_refiner, propagator_name, refiner_name
+from .errors import LazyXMemError, MediaError
+from .lazy import LazyConfig, LazySession
+from .media import FrameDir, check_mask, open_frames, read_index_mask, write_index_mask
+
+log = logging.getLogger("lazyxmem")
+
+
+class ProbsWriter:
+    """Streams ``prob_t{t}`` arrays into an .npz file, so long videos never sit in memory at once."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+
+    def __call__(self, t: int, probs: np.ndarray) -> None:
+        with self._zip.open(f"prob_t{t}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(probs, dtype=np.float32))
+
+    def close(self) -> None:
+        self._zip.close()
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=PROPAGATORS, default=None, help="propagator (default: auto, or LAZYXMEM_ENGINE)")
+    p.add_argument("--xmem-checkpoint", default=None, help="XMem checkpoint (.pth); default XMEM_CHECKPOINT")
+    p.add_argument("--refiner", choices=REFINERS, default=None, help="mask refiner (default: auto, or LAZYXMEM_REFINER)")
+    p.add_argument("--sam-checkpoint", default=None, help="SAM checkpoint (.pth); default SAM_CHECKPOINT")
+    p.add_argument("--sam-type", default=None, choices=("vit_b", "vit_l", "vit_h"), help="SAM model type (default vit_h)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: DEVICE or cpu)")
+
+
+def _lazy_args(p: argparse.ArgumentParser) -> None:
+    d = LazyConfig()
+    p.add_argument("--tau-u", type=float, default=d.tau_u, help="dS above this asks the user (default %(default)s)")
+    p.add_argument("--tau-p", type=float, default=d.tau_p, help="dS above this pseudo-corrects (default %(default)s)")
+    p.add_argument("--tau-m", type=float, default=d.tau_m, help="S above this keeps a frame out of memory (default %(default)s)")
+    p.add_argument("--trigger", choices=("dS", "S"), default=d.trigger, help="what the thresholds compare")
+    p.add_argument("--detect-loss", action="store_true", help="also ask the user when an object's area collapses")
+    p.add_argument("--user-budget", type=int, default=None, help="at most this many review requests per video")
+    for name in ("udu", "pseudo", "idu"):
+        p.add_argument(f"--no-{name}", action="store_true", help=f"disable {name.upper()}")
+    p.add_argument("--pseudo-idu", action="store_true", help="write pseudo-corrected frames to memory")
+
+
+def _lazy_config(a: argparse.Namespace) -> LazyConfig:
+    return LazyConfig(tau_u=a.tau_u, tau_p=a.tau_p, tau_m=a.tau_m, trigger=a.trigger, udu=not a.no_udu,
+                      pseudo=not a.no_pseudo, pseudo_idu=a.pseudo_idu, idu=not a.no_idu,
+                      detect_loss=a.detect_loss, user_budget=a.user_budget)
+
+
+def _settings(a: argparse.Namespace) -> EngineSettings:
+    return EngineSettings.from_env(engine=a.engine, refiner=a.refiner, xmem_checkpoint=a.xmem_checkpoint,
+                                   sam_checkpoint=a.sam_checkpoint, sam_type=a.sam_type, device=a.device)
+
+
+def cmd_propagate(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    frames = open_frames(a.frames, a.video)
+    names = frames.names if isinstance(frames, FrameDir) else [f"{i:05d}" for i in range(len(frames))]
+    first = frames[0]
+    given: dict[int, np.ndarray] = {}
+    if a.mask:
+        if not 0 <= a.mask_frame < len(frames):
+            raise MediaError(f"--mask-frame {a.mask_frame} is outside the video (frames 0..{len(frames) - 1})")
+        given[a.mask_frame] = check_mask(read_index_mask(a.mask), first.shape, f"mask {a.mask}")
+    else:
+        index = {n: i for i, n in enumerate(names)}
+        files = sorted(Path(a.masks).glob("*.png")) if Path(a.masks).is_dir() else []
+        if not files:
+            raise MediaError(f"no .png masks in {a.masks}")
+        for p in files:
+            if p.stem not in index:
+                raise MediaError(f"mask {p.name} matches no frame name (frames are named like {names[0]})")
+            given[index[p.stem]] = check_mask(read_index_mask(p), first.shape, f"mask {p}")
+    given = {t: m for t, m in given.items() if m.any()}
+    if not given:
+        raise MediaError("the initial mask is empty: it must contain at least one object (label > 0)")
+
+    settings = _settings(a)
+    config = LazyConfig.off() if a.no_lazy else _lazy_config(a)
+    propagator = build_propagator(settings)
+    refiner = None if (a.no_lazy or settings.refiner == "none") else build_refiner(settings)
+    if refiner is None and config.pseudo:
+        config = LazyConfig(**{**config.__dict__, "pseudo": False})
+    print(f"engine: {propagator_name(settings)}, refiner: {refiner_name(settings) if refiner else 'none'}", file=sys.stderr)
+    writer = ProbsWriter(a.save_probs) if a.save_probs else None
+    session = LazySession(propagator, frames, given, refiner=refiner, config=config, probs_hook=writer)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        with tqdm(total=len(frames) - session.start, unit="frame", desc="propagate") as bar:
+            records = session.run(progress=bar.update)
+    finally:
+        if writer:
+            writer.close()
+    seconds = time.perf_counter() - t0
+    for r in records:
+        write_index_mask(out / f"{names[r.index]}.png", r.mask)
+    report = session_report(session, names, seconds)
+    report_path = Path(a.report) if a.report else out / "report.json"
+    report_path.write_text(json.dumps(report, indent=1))
+    print(f"{len(records)} frames in {seconds:.1f} s ({len(records) / max(seconds, 1e-9):.1f} fps); "
+          f"{len(report['review_frames'])} review frames; masks in {out}, report in {report_path}", file=sys.stderr)
+    return 0
+
+
+def session_report(session: LazySession, names: list[str], seconds: float) -> dict:
+    """The per-frame JSON report: S, dS, decision, clicks, memory writes, and the review list."""
+    frames = []
+    for r in session.ordered_records():
+        frames.append({
+            "frame": r.index, "name": names[r.index], "decision": r.decision.value, "written": r.written,
+            "review": r.review, "given": r.given,
+            "objects": {str(label): {
+                "area": o.area, "S": round(o.S, 6), "dS": None if o.dS is None else round(o.dS, 6),
+                "decision": o.decision.value, "answered": o.answered,
+                "clicks": [{"x": c.x, "y": c.y, "positive": c.positive} for c in o.clicks],
+            } for label, o in r.objects.items()},
+        })
+    return {
+        "frames_total": len(session.frames), "seconds": round(seconds, 3),
+        "config": {k: v for k, v in session.config.__dict__.items()},
+        "review_frames": session.review_frames,
+        "review_frame_names": [names[t] for t in session.review_frames],
+        "pseudo_frames": [f["frame"] for f in frames if f["decision"] == "pseudo"],
+        "frames": frames,
+    }
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    from . import metrics
+
+    result = metrics.score_dirs(a.pred, a.gt)
+    print(f"{'sequence':24s} {'J&F':>7s} {'J':>7s} {'F':>7s} {'R@0.5':>7s}")
+    for name, s in result["sequences"].items():
+        print(f"{name:24s} {100 * s['J&F']:7.2f} {100 * s['J']:7.2f} {100 * s['F']:7.2f} {100 * s['R@0.5']:7.2f}")
+    print(f"{'ALL':24s} {100 * result['J&F']:7.2f} {100 * result['J']:7.2f} {100 * result['F']:7.2f} {100 * result['R@0.5']:7.2f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2, default=float))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+
+    summary = evaluate(a.data, a.out, mode=a.mode, sequences=a.sequences, settings=_settings(a),
+                       config=_lazy_config(a), robot=a.robot, correction=a.correction, k=a.k, seed=a.seed,
+                       save_masks=not a.no_masks)
+    print((Path(a.out) / "table.md").read_text())
+    print(f"J&F {100 * summary['J&F']:.1f}, N_oI {summary['N_oI']}, rate {summary['interaction_rate']:.2f} %, "
+          f"{summary['fps']:.1f} fps, Lazy layer {100 * summary['lazy_overhead']:.1f} % of propagation time")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lazyxmem", description="Lazy-XMem: uncertainty-driven video object segmentation")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("propagate", help="propagate masks through a video and flag frames for review")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--frames", help="folder of frames (.jpg/.png), ordered by name")
+    src.add_argument("--video", help="video file")
+    m = p.add_mutually_exclusive_group(required=True)
+    m.add_argument("--mask", help="index PNG of the initial mask")
+    m.add_argument("--masks", help="folder of index PNGs named like the frames (any subset of frames)")
+    p.add_argument("--mask-frame", type=int, default=0, help="frame index of --mask (default 0)")
+    p.add_argument("--out", required=True, help="output folder for the index PNG masks")
+    p.add_argument("--no-lazy", action="store_true", help="plain propagation: no correction, no veto")
+    p.add_argument("--save-probs", help="write the propagator's probabilities (prob_t{t}) to this .npz")
+    p.add_argument("--report", help="per-frame JSON report (default OUT/report.json)")
+    _engine_args(p)
+    _lazy_args(p)
+    p.set_defaults(func=cmd_propagate)
+
+    p = sub.add_parser("score", help="J, F, J&F and R@tau of predictions against ground truth (DAVIS layout)")
+    p.add_argument("--pred", required=True, help="folder of <sequence>/*.png predictions")
+    p.add_argument("--gt", required=True, help="folder of <sequence>/*.png (or <sequence>/masks/*.png) ground truth")
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("eval", help="run the Lazy session with a simulated user and report Table S1 figures")
+    p.add_argument("--data", required=True, help="DAVIS-layout folder: <sequence>/frames, <sequence>/masks")
+    p.add_argument("--sequences", nargs="*", help="sequence names (default: all)")
+    p.add_argument("--mode", choices=("none", "pseudo", "lazy", "rand-lazy", "every-k"), default="lazy")
+    p.add_argument("--robot", choices=("tp", "error"), default="tp", help="simulated user's click rule")
+    p.add_argument("--correction", choices=("refiner", "oracle"), default="refiner",
+                   help="refiner: clicks go to the refiner; oracle: the GT mask replaces the prediction")
+    p.add_argument("--k", type=int, default=None, help="every-k: the period (default: Lazy's budget)")
+    p.add_argument("--seed", type=int, default=0, help="Rand-Lazy seed")
+    p.add_argument("--no-masks", action="store_true", help="do not write the predicted masks")
+    p.add_argument("--out", required=True, help="output folder")
+    _engine_args(p)
+    _lazy_args(p)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except LazyXMemError as exc:
+        print(f"lazyxmem: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        print(f"lazyxmem: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Build propagators and refiners by name, picking the best one available for ``auto``.
+
+``auto`` means XMem / SAM when their checkpoints are configured (argument or environment:
+``XMEM_CHECKPOINT``, ``SAM_CHECKPOINT``, ``SAM_TYPE``), the embedded no-weights engine otherwise.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import LazyXMemError
+from .protocols import Propagator, Refiner
+
+log = logging.getLogger(__name__)
+
+PROPAGATORS = ("auto", "xmem", "embedded")
+REFINERS = ("auto", "sam", "embedded", "none")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    engine: str = "auto"
+    refiner: str = "auto"
+    xmem_checkpoint: str | None = None
+    sam_checkpoint: str | None = None
+    sam_type: str = "vit_h"
+    device: str = "cpu"
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> EngineSettings:
+        values = {
+            "engine": os.environ.get("LAZYXMEM_ENGINE", "auto"),
+            "refiner": os.environ.get("LAZYXMEM_REFINER", "auto"),
+            "xmem_checkpoint": os.environ.get("XMEM_CHECKPOINT") or None,
+            "sam_checkpoint": os.environ.get("SAM_CHECKPOINT") or None,
+            "sam_type": os.environ.get("SAM_TYPE", "vit_h"),
+            "device": os.environ.get("DEVICE", "cpu"),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def propagator_name(settings: EngineSettings) -> str:
+    if settings.engine not in PROPAGATORS:
+        raise LazyXMemError(f"unknown engine {settings.engine!r}: choose one of {', '.join(PROPAGATORS)}")
+    if settings.engine == "auto":
+        return "xmem" if settings.xmem_checkpoint else "embedded"
+    return settings.engine
+
+
+def build_propagator(settings: EngineSettings) -> Propagator:
+    name = propagator_name(settings)
+    if name == "xmem":
+        if not settings.xmem_checkpoint:
+            raise LazyXMemError("the XMem engine needs a checkpoint: pass --xmem-checkpoint PATH or set XMEM_CHECKPOINT")
+        try:
+            from .xmem import XMemPropagator  # type: ignore[attr-defined]
+        except ImportError:
+            raise LazyXMemError(
+                "this release has no XMem propagator yet: use --engine embedded (or auto without a checkpoint)"
+            ) from None
+        log.info("engine: XMem (%s) on %s", settings.xmem_checkpoint, settings.device)
+        return XMemPropagator.from_checkpoint(settings.xmem_checkpoint, device=settings.device)
+    from .embedded import EmbeddedPropagator
+
+    log.info("engine: embedded (no weights)%s", "" if settings.engine == "embedded" else ", no XMem checkpoint configured")
+    return EmbeddedPropagator()
+
+
+def refiner_name(settings: EngineSettings) -> str:
+    if settings.refiner not in REFINERS:
+        raise LazyXMemError(f"unknown refiner {settings.refiner!r}: choose one of {', '.join(REFINERS)}")
+    if settings.refiner == "auto":
+        return "sam" if settings.sam_checkpoint else "embedded"
+    return settings.refiner
+
+
+def build_refiner(settings: EngineSettings) -> Refiner | None:
+    name = refiner_name(settings)
+    if name == "none":
+        return None
+    if name == "sam":
+        if not settings.sam_checkpoint:
+            raise LazyXMemError("the SAM refiner needs a checkpoint: pass --sam-checkpoint PATH or set SAM_CHECKPOINT")
+        from .sam import SamRefiner
+
+        log.info("refiner: SAM %s (%s) on %s", settings.sam_type, settings.sam_checkpoint, settings.device)
+        return SamRefiner(settings.sam_checkpoint, model_type=settings.sam_type, device=settings.device)
+    from .embedded import GrabCutRefiner
+
+    log.info("refiner: embedded GrabCut (no weights)%s", "" if settings.refiner == "embedded" else ", no SAM checkpoint configured")
+    return GrabCutRefiner()

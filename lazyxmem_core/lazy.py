@@ -1,0 +1,349 @@
+"""The Lazy controller: decides per frame and per object whether to do nothing, to correct the
+mask itself (pseudo-click -> refiner) or to ask a human (user correction), and what enters the
+propagator's memory (UDU veto, IDU write). See docs in README and ``shared/reference/lazy-xmem.md``.
+
+Two ways to run a :class:`LazySession`:
+- on the fly: give ``user``, a callback that answers each user request at once;
+- deferred: without ``user`` the requests become "needs review" frames; later
+  :meth:`LazySession.correct` resumes from the earliest corrected frame and re-propagates.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+
+from .protocols import Propagator, Refiner
+from .types import Click, Correction, Decision, FrameRecord, ObjectRecord
+from .uncertainty import object_uncertainty
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LazyConfig:
+    """Every behaviour of the controller, switchable so that the paper's ablations can be re-run."""
+
+    tau_u: float = 0.5  # trigger above this -> user correction
+    tau_p: float = 0.2  # trigger above this (and <= tau_u) -> pseudo-correction
+    tau_m: float = 0.8  # any S_c above this -> the frame is kept out of memory (UDU)
+    trigger: Literal["dS", "S"] = "dS"  # what the thresholds compare: the derivative or S itself
+    udu: bool = True  # uncertainty-driven update (veto)
+    pseudo: bool = True  # pseudo-corrections
+    pseudo_idu: bool = False  # write pseudo-corrected frames to memory (lowers J&F in the paper)
+    user: bool = True  # user corrections from the trigger
+    idu: bool = True  # write user-corrected frames to memory at once
+    detect_loss: bool = False  # ask the user when an object's area collapses (not in the paper)
+    loss_ratio: float = 0.2  # collapse = area below this fraction of the previous frame's area
+    loss_min_area: int = 400  # ... for objects at least this big on the previous frame
+    user_budget: int | None = None  # at most this many user requests per video (None: no limit)
+    min_user_gap: int = 0  # at least this many frames between two requests for one object
+    snapshot_every: int = 10  # keep the propagator's state every k frames for deferred corrections
+
+    @classmethod
+    def off(cls) -> LazyConfig:
+        """Plain propagation: no correction, no veto (the propagator's own memory schedule)."""
+        return cls(udu=False, pseudo=False, user=False, idu=False)
+
+    @classmethod
+    def pseudo_only(cls) -> LazyConfig:
+        return cls(user=False)
+
+    @classmethod
+    def scheduled(cls) -> LazyConfig:
+        """User requests come from an external schedule (Rand-Lazy, every-k); the rest as Lazy."""
+        return cls(user=False, detect_loss=False)
+
+
+@dataclass(frozen=True)
+class UserRequest:
+    """What a user callback is shown: the frame, the object and its current mask."""
+
+    frame_index: int
+    label: int
+    frame: np.ndarray
+    mask: np.ndarray  # bool (H, W), the object's current mask on this frame
+    S: float
+    dS: float | None
+
+
+UserCallback = Callable[[UserRequest], Correction | None]
+
+
+@dataclass
+class _Replay:
+    given: dict[int, np.ndarray] = field(default_factory=dict)
+    corrections: dict[tuple[int, int], Correction] = field(default_factory=dict)
+
+
+class LazySession:
+    """Runs one video through a propagator under the Lazy controller and keeps what it did.
+
+    frames: anything with ``len`` and integer indexing returning RGB uint8 (H, W, 3) frames.
+    given: index masks per frame index (the annotation); the first frame with objects starts.
+    forced_user: optional schedule {frame: labels} of user requests that replaces the trigger
+    (Rand-Lazy, every-k baselines). probs_hook(t, probs) sees the propagator's raw output.
+    """
+
+    def __init__(
+        self,
+        propagator: Propagator,
+        frames: Sequence[np.ndarray],
+        given: Mapping[int, np.ndarray],
+        refiner: Refiner | None = None,
+        config: LazyConfig | None = None,
+        user: UserCallback | None = None,
+        forced_user: Mapping[int, Sequence[int]] | None = None,
+        probs_hook: Callable[[int, np.ndarray], None] | None = None,
+    ) -> None:
+        if not given:
+            raise ValueError("no initial mask: give an index mask for at least one frame")
+        self.propagator = propagator
+        self.frames = frames
+        self.refiner = refiner
+        self.config = config or LazyConfig()
+        self.user = user
+        self.probs_hook = probs_hook
+        self.forced_user = {int(t): tuple(v) for t, v in (forced_user or {}).items()}
+        self._replay = _Replay(given={int(t): m for t, m in given.items()})
+        self.start = min(self._replay.given)
+        self.records: dict[int, FrameRecord] = {}
+        self._snapshots: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self._prev_S: dict[int, float] = {}
+        self._prev_area: dict[int, int] = {}
+        self._last_user: dict[int, int] = {}
+        self._n_user = 0
+        self._next = self.start
+        if self.config.pseudo and self.refiner is None:
+            raise ValueError("pseudo-corrections need a refiner: pass one, or disable pseudo in LazyConfig")
+
+    # -- running -------------------------------------------------------------------------
+    def run(self, until: int | None = None, progress: Callable[[int], None] | None = None) -> list[FrameRecord]:
+        """Process the frames from where the session stands to ``until`` (exclusive; default: the end)."""
+        end = len(self.frames) if until is None else min(until, len(self.frames))
+        while self._next < end:
+            self._process(self._next)
+            self._next += 1
+            if progress is not None:
+                progress(1)
+        return self.ordered_records()
+
+    def ordered_records(self) -> list[FrameRecord]:
+        return [self.records[t] for t in sorted(self.records)]
+
+    @property
+    def review_frames(self) -> list[int]:
+        """Frames where a user correction was requested and not answered yet, in order."""
+        return [t for t in sorted(self.records) if self.records[t].review]
+
+    @property
+    def done(self) -> bool:
+        return self._next >= len(self.frames)
+
+    # -- deferred corrections --------------------------------------------------------------
+    def correct(self, corrections: Mapping[tuple[int, int], Correction], progress: Callable[[int], None] | None = None) -> int:
+        """Apply user corrections {(frame, label): Correction}, then re-propagate after them.
+
+        Resumes from the earliest corrected frame t: the state kept before t (or the nearest kept
+        state before it) is restored, so frames before t are not recomputed when t was a review
+        frame or a kept frame. Returns the first frame that was recomputed.
+        """
+        if not corrections:
+            raise ValueError("no correction given")
+        end = self._next
+        for (t, label), corr in corrections.items():
+            if not 0 <= t < len(self.frames):
+                raise ValueError(f"correction on frame {t}: the video has frames 0..{len(self.frames) - 1}")
+            if t < self.start:
+                raise ValueError(f"correction on frame {t} precedes the first annotated frame {self.start}")
+            self._replay.corrections[(int(t), int(label))] = corr
+        first = min(t for t, _ in corrections)
+        resume = max((s for s in self._snapshots if s <= first), default=None)
+        if resume is None:  # nothing kept: start over
+            self.propagator.reset()
+            self._reset_controller()
+            resume = self.start
+        else:
+            state, controller = self._snapshots[resume]
+            self.propagator.restore(state)
+            self._restore_controller(controller)
+        for t in [t for t in self.records if t >= resume]:
+            del self.records[t]
+        for s in [s for s in self._snapshots if s > resume]:
+            del self._snapshots[s]
+        self._next = resume
+        self.run(until=max(end, first + 1), progress=progress)
+        return resume
+
+    # -- one frame -----------------------------------------------------------------------
+    def _process(self, t: int) -> None:
+        cfg = self.config
+        pending = self._take_snapshot(t)
+        frame = self.frames[t]
+        given = self._replay.given.get(t)
+        t0 = time.perf_counter()
+        probs = self.propagator.step(frame, given)
+        t1 = time.perf_counter()
+        if self.probs_hook is not None:
+            self.probs_hook(t, probs)
+            t1 = time.perf_counter()
+        labels = list(self.propagator.labels)
+        if probs.shape[0] != len(labels) + 1 or probs.shape[1:] != frame.shape[:2]:
+            raise RuntimeError(
+                f"propagator returned probabilities of shape {probs.shape} for {len(labels)} objects "
+                f"on a {frame.shape[1]}x{frame.shape[0]} frame; expected ({len(labels) + 1}, {frame.shape[0]}, {frame.shape[1]})"
+            )
+        lut = np.asarray([0, *labels], dtype=np.uint16 if max(labels, default=0) > 255 else np.uint8)
+        output = lut[np.argmax(probs, axis=0)]
+        given_labels = set() if given is None else {int(v) for v in np.unique(given) if v != 0}
+
+        objects: dict[int, ObjectRecord] = {}
+        veto = False
+        want_click: dict[int, bool] = {}
+        for k, label in enumerate(labels):
+            mask = output == label
+            u = object_uncertainty(probs, mask, with_click=cfg.pseudo)
+            prev = self._prev_S.get(label)
+            dS = None if prev is None else u.S - prev
+            rec = ObjectRecord(label=label, area=u.area, S=u.S, dS=dS)
+            objects[label] = rec
+            want_click[label] = u.click
+            if cfg.udu and u.S > cfg.tau_m:
+                veto = True
+            if label in given_labels:
+                continue
+            rec.decision = self._decide(t, label, u.S, dS, u.area)
+        lazy_seconds = time.perf_counter() - t1
+
+        user_written = False
+        pseudo_done = False
+        for label, rec in objects.items():
+            if rec.decision is Decision.PSEUDO:
+                click = want_click[label]
+                if click is None:
+                    rec.decision = Decision.NONE
+                    continue
+                rec.clicks = [Click(float(click[0]), float(click[1]), True)]
+                refined = self._refine(t, frame, rec.clicks, None, output == label)
+                _replace_object(output, label, refined)
+                pseudo_done = True
+            elif rec.decision is Decision.USER:
+                corr = self._user_correction(t, label, frame, output, rec)
+                if corr is None:
+                    continue
+                rec.answered = True
+                rec.clicks = list(corr.clicks)
+                rec.box = corr.box
+                refined = corr.mask if corr.mask is not None else self._refine(t, frame, corr.clicks, corr.box, output == label)
+                if refined.shape != output.shape:
+                    raise ValueError(f"correction mask for object {label} on frame {t} is {refined.shape[::-1]}, the frame is {output.shape[::-1]}")
+                _replace_object(output, label, refined.astype(bool))
+                user_written = user_written or cfg.idu
+
+        if given is not None:
+            write: bool | None = None  # an annotated frame always enters memory
+        elif user_written:
+            write = True
+        elif veto:
+            write = False
+        elif pseudo_done:
+            write = True if cfg.pseudo_idu else False
+        else:
+            write = None
+        t2 = time.perf_counter()
+        written = self.propagator.commit(mask=output, write=write)
+        t3 = time.perf_counter()
+
+        for label, rec in objects.items():
+            self._prev_S[label] = rec.S
+            self._prev_area[label] = rec.area
+        self.records[t] = FrameRecord(
+            index=t, mask=output, objects=objects, written=bool(written), given=given is not None,
+            seconds=(t1 - t0) + (t3 - t2), lazy_seconds=lazy_seconds,
+        )
+        self._keep_snapshot(t, pending)
+
+    def _decide(self, t: int, label: int, S: float, dS: float | None, area: int) -> Decision:
+        cfg = self.config
+        if t in self.forced_user:
+            if label in self.forced_user[t]:
+                return self._count_user(t, label)
+        if (t, label) in self._replay.corrections:
+            return self._count_user(t, label)
+        value = S if cfg.trigger == "S" else dS
+        if cfg.user and value is not None and value > cfg.tau_u and self._user_allowed(t, label):
+            return self._count_user(t, label)
+        prev_area = self._prev_area.get(label, 0)
+        if (cfg.detect_loss and prev_area >= cfg.loss_min_area and area < cfg.loss_ratio * prev_area
+                and self._user_allowed(t, label)):
+            return self._count_user(t, label)
+        if cfg.pseudo and value is not None and value > cfg.tau_p:
+            return Decision.PSEUDO
+        return Decision.NONE
+
+    def _user_allowed(self, t: int, label: int) -> bool:
+        cfg = self.config
+        if cfg.user_budget is not None and self._n_user >= cfg.user_budget:
+            return False
+        last = self._last_user.get(label)
+        return last is None or t - last > cfg.min_user_gap
+
+    def _count_user(self, t: int, label: int) -> Decision:
+        self._n_user += 1
+        self._last_user[label] = t
+        return Decision.USER
+
+    def _user_correction(self, t: int, label: int, frame: np.ndarray, output: np.ndarray, rec: ObjectRecord) -> Correction | None:
+        stored = self._replay.corrections.get((t, label))
+        if stored is not None:
+            return stored
+        if self.user is None:
+            return None
+        corr = self.user(UserRequest(t, label, frame, output == label, rec.S, rec.dS))
+        if corr is not None:
+            self._replay.corrections[(t, label)] = corr
+        return corr
+
+    def _refine(self, t: int, frame: np.ndarray, clicks: Sequence[Click], box: Any, prior: np.ndarray) -> np.ndarray:
+        if self.refiner is None:
+            raise ValueError("click and box corrections need a refiner; give a mask instead, or configure a refiner")
+        mask = self.refiner.refine(frame, clicks=clicks, box=box, prior=prior, frame_id=t)
+        return np.asarray(mask, dtype=bool)
+
+    # -- state kept for deferred corrections -------------------------------------------------
+    def _controller_state(self) -> dict[str, Any]:
+        return {"prev_S": dict(self._prev_S), "prev_area": dict(self._prev_area),
+                "last_user": dict(self._last_user), "n_user": self._n_user}
+
+    def _restore_controller(self, state: dict[str, Any]) -> None:
+        self._prev_S = dict(state["prev_S"])
+        self._prev_area = dict(state["prev_area"])
+        self._last_user = dict(state["last_user"])
+        self._n_user = state["n_user"]
+
+    def _reset_controller(self) -> None:
+        self._restore_controller({"prev_S": {}, "prev_area": {}, "last_user": {}, "n_user": 0})
+
+    def _periodic(self, t: int) -> bool:
+        return t == self.start or (t - self.start) % max(1, self.config.snapshot_every) == 0
+
+    def _take_snapshot(self, t: int) -> tuple[Any, dict[str, Any]] | None:
+        """The state before frame t, when it may be kept: on periodic frames, and in deferred mode
+        on every frame until we know whether it becomes a review frame."""
+        if self._periodic(t) or self.user is None:
+            return self.propagator.snapshot(), self._controller_state()
+        return None
+
+    def _keep_snapshot(self, t: int, pending: tuple[Any, dict[str, Any]] | None) -> None:
+        if pending is not None and (self._periodic(t) or self.records[t].review):
+            self._snapshots[t] = pending
+
+
+def _replace_object(output: np.ndarray, label: int, mask: np.ndarray) -> None:
+    """The refined mask replaces the object's channel in the frame's output (in place)."""
+    output[output == label] = 0
+    output[mask] = label

@@ -1,0 +1,231 @@
+"""Reading frames (image folders, video files) and reading/writing index masks (DAVIS palette PNGs)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .errors import MediaError
+
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MAX_LABEL = 255  # index PNGs hold 8-bit labels
+
+
+def davis_palette() -> np.ndarray:
+    """The DAVIS / PASCAL VOC colour map (256 x 3 uint8): label k -> bit-interleaved colour."""
+    palette = np.zeros((256, 3), np.uint8)
+    for label in range(256):
+        c, r, g, b = label, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette[label] = (r, g, b)
+    return palette
+
+
+class FrameSequence:
+    """Indexable, sized sequence of RGB uint8 frames."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self[i]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the frames."""
+        h, w = self[0].shape[:2]
+        return w, h
+
+
+class FrameDir(FrameSequence):
+    """Frames stored as image files in a folder, ordered by name (00000.jpg, 00001.jpg, ...)."""
+
+    def __init__(self, path: str | os.PathLike, cache: int = 8) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise MediaError(f"frames folder {self.path} does not exist: pass a folder of .jpg/.png frames")
+        self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS)
+        if not self.files:
+            raise MediaError(f"no frames in {self.path}: expected files ending in {', '.join(FRAME_EXTENSIONS)}")
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_size = cache
+        self._shape: tuple[int, int] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [p.stem for p in self.files]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if index < 0:
+            index += len(self)
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        path = self.files[index]
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise MediaError(f"cannot decode frame {path}: not a readable image")
+        frame = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        if self._shape is None:
+            self._shape = frame.shape[:2]
+        elif frame.shape[:2] != self._shape:
+            raise MediaError(
+                f"frame {path.name} is {frame.shape[1]}x{frame.shape[0]} but the first frame is "
+                f"{self._shape[1]}x{self._shape[0]}: all frames of a video must have one size"
+            )
+        self._cache[index] = frame
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return frame
+
+
+class VideoFrames(FrameSequence):
+    """A video file decoded once into a raw frame store on disk (memory-mapped).
+
+    Random access matters (deferred corrections resume mid-video) and video seeking is not
+    frame-exact for every codec, so frames are decoded in order once and kept uncompressed.
+    """
+
+    def __init__(self, path: str | os.PathLike, max_frames: int | None = None, workdir: str | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MediaError(f"video file {self.path} does not exist")
+        cap = cv2.VideoCapture(str(self.path))
+        if not cap.isOpened():
+            raise MediaError(f"cannot decode video {self.path}: OpenCV could not open it (unsupported or damaged file)")
+        self.fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) or 25.0
+        self._tmp = tempfile.NamedTemporaryFile(prefix="lazyxmem-frames-", suffix=".raw", dir=workdir, delete=True)
+        count, shape = 0, None
+        try:
+            while True:
+                ok, bgr = cap.read()
+                if not ok:
+                    break
+                if shape is None:
+                    shape = bgr.shape
+                elif bgr.shape != shape:
+                    raise MediaError(f"video {self.path} changes frame size at frame {count}")
+                self._tmp.write(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).tobytes())
+                count += 1
+                if max_frames is not None and count > max_frames:
+                    raise MediaError(f"video {self.path} has more than {max_frames} frames (the configured limit)")
+        finally:
+            cap.release()
+        if count == 0 or shape is None:
+            raise MediaError(f"cannot decode video {self.path}: no frame could be read (unsupported codec or not a video)")
+        self._tmp.flush()
+        self._frames = np.memmap(self._tmp.name, dtype=np.uint8, mode="r", shape=(count, *shape))
+
+    def __len__(self) -> int:
+        return self._frames.shape[0]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.asarray(self._frames[index])
+
+
+class ArrayFrames(FrameSequence):
+    """Frames already in memory (tests, the web backend)."""
+
+    def __init__(self, frames: list[np.ndarray] | np.ndarray) -> None:
+        if len(frames) == 0:
+            raise MediaError("no frames given")
+        self._frames = frames
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self._frames[index]
+
+
+def open_frames(frames_dir: str | os.PathLike | None = None, video: str | os.PathLike | None = None,
+                max_frames: int | None = None) -> FrameSequence:
+    """Frames from a folder or a video file (exactly one of the two)."""
+    if (frames_dir is None) == (video is None):
+        raise MediaError("give either a frames folder or a video file, not both or neither")
+    if frames_dir is not None:
+        seq = FrameDir(frames_dir)
+        if max_frames is not None and len(seq) > max_frames:
+            raise MediaError(f"{frames_dir} has {len(seq)} frames, more than the limit {max_frames}")
+        return seq
+    return VideoFrames(video, max_frames=max_frames)
+
+
+def read_index_mask(path: str | os.PathLike) -> np.ndarray:
+    """An index mask (H, W) uint8 from a PNG: palette PNGs give their indices; 8-bit grayscale
+    masks with values in {0, 255} (DAVIS 2016) give 0/1; other grayscale masks give their values;
+    RGB masks are mapped through the DAVIS palette."""
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"mask file {path} does not exist")
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as exc:  # PIL raises many types for damaged files
+        raise MediaError(f"cannot read mask {path}: {exc}") from None
+    if img.mode == "P":
+        return np.array(img, dtype=np.uint8)
+    if img.mode in ("L", "1"):
+        arr = np.array(img.convert("L"), dtype=np.uint8)
+        values = np.unique(arr)
+        if np.isin(values, (0, 255)).all():
+            return (arr == 255).astype(np.uint8)
+        return arr
+    if img.mode in ("I", "I;16", "I;16B", "I;16L"):
+        arr = np.array(img, dtype=np.int64)
+        if arr.max() > MAX_LABEL:
+            raise MediaError(
+                f"mask {path} has label value {int(arr.max())}; labels must be 1..{MAX_LABEL} "
+                "(renumber the objects)")
+        return arr.astype(np.uint8)
+    if img.mode in ("RGB", "RGBA"):
+        rgb = np.array(img.convert("RGB"), dtype=np.uint8)
+        code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+        pal = davis_palette().astype(np.int32)
+        pal_code = (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
+        uniq, inv = np.unique(code, return_inverse=True)
+        out = np.zeros(len(uniq), np.uint8)
+        for i, c in enumerate(uniq):
+            hits = np.nonzero(pal_code == c)[0]
+            if len(hits) == 0:
+                raise MediaError(f"mask {path} is RGB with colour #{c:06x} that is not a DAVIS palette colour; save it as a palette or grayscale index PNG")
+            out[i] = hits[0]
+        return out[inv].reshape(code.shape)
+    raise MediaError(f"mask {path} has PNG mode {img.mode}; expected a palette or grayscale index PNG")
+
+
+def write_index_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
+    """Save an index mask as a DAVIS-palette PNG."""
+    if mask.max(initial=0) > MAX_LABEL:
+        raise MediaError(f"label {int(mask.max())} does not fit an 8-bit index PNG (max {MAX_LABEL})")
+    img = Image.fromarray(mask.astype(np.uint8), mode="P")
+    img.putpalette(davis_palette().ravel().tolist())
+    img.save(path)
+
+
+def check_mask(mask: np.ndarray, frame_shape: tuple[int, ...], where: str) -> np.ndarray:
+    """Validate an initial/given index mask against the frame size."""
+    if mask.shape != tuple(frame_shape[:2]):
+        raise MediaError(
+            f"{where} is {mask.shape[1]}x{mask.shape[0]} but the frames are {frame_shape[1]}x{frame_shape[0]}: "
+            "the mask must have the frames' size")
+    if mask.max(initial=0) > MAX_LABEL:
+        raise MediaError(f"{where} has label value {int(mask.max())}; labels must be 1..{MAX_LABEL}")
+    return mask

@@ -1,0 +1,93 @@
+"""Typed values that cross module boundaries: prompts, corrections and per-frame records."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Click:
+    """A click in pixel coordinates of the frame (x = column, y = row)."""
+
+    x: float
+    y: float
+    positive: bool = True
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box in pixel coordinates, (x0, y0) top-left, (x1, y1) bottom-right."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def __post_init__(self) -> None:
+        if not (self.x1 > self.x0 and self.y1 > self.y0):
+            raise ValueError(f"box {self} is empty: x1 must exceed x0 and y1 must exceed y0")
+
+
+@dataclass(frozen=True)
+class Correction:
+    """What a (real or simulated) user gives for one object on one frame.
+
+    Any mix of clicks and a box goes to the refiner; a mask (bool H x W) is taken as it is.
+    """
+
+    clicks: tuple[Click, ...] = ()
+    box: Box | None = None
+    mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if not self.clicks and self.box is None and self.mask is None:
+            raise ValueError("a correction needs at least one click, a box or a mask")
+
+
+class Decision(str, Enum):
+    NONE = "none"
+    PSEUDO = "pseudo"
+    USER = "user"
+
+
+@dataclass
+class ObjectRecord:
+    """What the Lazy controller saw and did for one object on one frame."""
+
+    label: int
+    area: int
+    S: float
+    dS: float | None
+    decision: Decision = Decision.NONE
+    clicks: list[Click] = field(default_factory=list)
+    box: Box | None = None
+    answered: bool = False  # a user request that was answered (on-the-fly or by correct())
+
+
+@dataclass
+class FrameRecord:
+    """One processed frame: the output index mask and the per-object decisions."""
+
+    index: int
+    mask: np.ndarray  # output index mask (H, W), uint8 or uint16, corrections applied
+    objects: dict[int, ObjectRecord]
+    written: bool  # whether the frame entered the propagator's memory
+    given: bool = False  # a mask for some objects was given on this frame (annotation)
+    seconds: float = 0.0  # propagation time of this frame (without the Lazy layer)
+    lazy_seconds: float = 0.0  # time spent in the Lazy layer (uncertainty, decisions, refiner excluded)
+
+    @property
+    def review(self) -> bool:
+        """True when a user correction was requested here and nobody answered it yet."""
+        return any(o.decision is Decision.USER and not o.answered for o in self.objects.values())
+
+    @property
+    def decision(self) -> Decision:
+        ds = {o.decision for o in self.objects.values()}
+        if Decision.USER in ds:
+            return Decision.USER
+        if Decision.PSEUDO in ds:
+            return Decision.PSEUDO
+        return Decision.NONE

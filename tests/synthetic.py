@@ -1,0 +1,80 @@
+"""Small synthetic videos with ground truth, generated in the tests (no data files needed).
+
+Textured objects move over a textured background; options add an occluder, a look-alike
+distractor crossing the target, a sudden appearance change, and an object leaving the frame and
+coming back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+def texture(h: int, w: int, base: tuple[int, int, int], seed: int, scale: int = 6) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(0, 1, (h // scale + 2, w // scale + 2, 3)).astype(np.float32)
+    noise = cv2.resize(noise, (w, h), interpolation=cv2.INTER_CUBIC)[:h, :w]
+    return np.clip(np.asarray(base, np.float32) + 18 * noise, 0, 255).astype(np.uint8)
+
+
+@dataclass
+class Video:
+    frames: list[np.ndarray]
+    masks: list[np.ndarray]  # index masks, uint8
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.frames[0].shape[:2]
+
+
+def make_video(
+    n_frames: int = 24,
+    size: tuple[int, int] = (120, 160),  # (H, W)
+    n_objects: int = 1,
+    radius: int = 18,
+    occluder: bool = False,
+    distractor: bool = False,
+    appearance_change_at: int | None = None,
+    leave_and_return: bool = False,
+    seed: int = 0,
+) -> Video:
+    h, w = size
+    bg = texture(h, w, (70, 110, 60), seed)
+    colours = [(200, 60, 50), (50, 70, 200), (220, 200, 40), (160, 40, 180)]
+    skins = [texture(h, w, colours[k % 4], seed + 10 + k, scale=4) for k in range(n_objects)]
+    frames, masks = [], []
+    for t in range(n_frames):
+        img = bg.copy()
+        mask = np.zeros((h, w), np.uint8)
+        for k in range(n_objects):
+            cy = int(h * (0.3 + 0.4 * k / max(1, n_objects - 1))) if n_objects > 1 else h // 2
+            cx = int(radius + 4 + (w - 2 * radius - 8) * t / max(1, n_frames - 1))
+            if k % 2:
+                cx = w - cx
+            if leave_and_return and k == 0:
+                # out of the frame to the right in the middle third, back afterwards
+                third = n_frames // 3
+                if third <= t < 2 * third:
+                    cx = w + 3 * radius
+            obj = np.zeros((h, w), np.uint8)
+            cv2.circle(obj, (cx, cy), radius, 1, -1)
+            skin = skins[k]
+            if appearance_change_at is not None and t >= appearance_change_at and k == 0:
+                skin = 255 - skin
+            img[obj > 0] = skin[obj > 0]
+            mask[obj > 0] = k + 1
+        if distractor:
+            dx = int(w - radius - 4 - (w - 2 * radius - 8) * t / max(1, n_frames - 1))
+            d = np.zeros((h, w), np.uint8)
+            cv2.circle(d, (dx, h // 2 + radius // 2), radius, 1, -1)
+            img[d > 0] = skins[0][d > 0]
+            mask[d > 0] = 0
+        if occluder:
+            x0 = w // 2 - 10
+            img[:, x0:x0 + 20] = (30, 30, 30)
+            mask[:, x0:x0 + 20] = 0
+        frames.append(img)
+        masks.append(mask)
+    return Video(frames, masks)

@@ -1,0 +1,238 @@
+"""The Lazy controller's decisions, memory policy and deferred corrections, on a scripted propagator
+whose uncertainty is set frame by frame (so every expected decision is known in advance)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.optimize import brentq
+
+from lazyxmem_core import Click, Correction, Decision, LazyConfig, LazySession
+
+H, W = 40, 50
+SQUARE = (slice(10, 30), slice(15, 35))  # 20 x 20 object
+
+
+def q_for_entropy(s: float) -> float:
+    """Foreground probability q > 0.5 whose normalised binary entropy is s."""
+    if s <= 0:
+        return 1.0
+    f = lambda q: -(q * math.log(q) + (1 - q) * math.log(1 - q)) / math.log(2) - s  # noqa: E731
+    return brentq(f, 0.5000001, 1 - 1e-12)
+
+
+class ScriptedPropagator:
+    """Returns a square object whose pixels have a chosen entropy: then S = that entropy exactly
+    (the ring added by the dilation has zero entropy)."""
+
+    def __init__(self, S_per_frame: list[float]) -> None:
+        self.S = S_per_frame
+        self._labels: list[int] = []
+        self.t = -1
+        self.steps: list[int] = []
+        self.commits: list[tuple[int, bool | None, np.ndarray | None]] = []
+        self.memory: list[int] = []
+        self.since = 0
+
+    @property
+    def labels(self) -> list[int]:
+        return self._labels
+
+    def reset(self) -> None:
+        self.__init__(self.S)
+
+    def step(self, frame, given=None):
+        self.t += 1
+        self.steps.append(self.t)
+        if given is not None:
+            self._labels = sorted({*self._labels, *[int(v) for v in np.unique(given) if v]})
+        q = q_for_entropy(self.S[self.t])
+        probs = np.zeros((2, H, W), np.float32)
+        probs[0] = 1.0
+        probs[1][SQUARE] = q
+        probs[0][SQUARE] = 1 - q
+        return probs
+
+    def commit(self, mask=None, write=None):
+        self.commits.append((self.t, write, None if mask is None else mask.copy()))
+        if write is None:
+            self.since += 1
+            written = self.since >= 5 or self.t == 0
+        else:
+            written = write
+        if written:
+            self.memory.append(self.t)
+            self.since = 0
+        return written
+
+    def snapshot(self):
+        return (self.t, list(self.memory), self.since, list(self._labels))
+
+    def restore(self, state):
+        self.t, memory, self.since, labels = state
+        self.memory, self._labels = list(memory), list(labels)
+
+
+class RecordingRefiner:
+    def __init__(self) -> None:
+        self.calls = []
+
+    def refine(self, frame, clicks=(), box=None, prior=None, frame_id=None):
+        self.calls.append((frame_id, tuple(clicks), box))
+        out = np.zeros(frame.shape[:2], bool)
+        out[12:28, 17:33] = True  # a smaller square: visibly different from the prediction
+        return out
+
+
+def first_mask():
+    m = np.zeros((H, W), np.uint8)
+    m[SQUARE] = 1
+    return m
+
+
+FRAMES = [np.zeros((H, W, 3), np.uint8) for _ in range(8)]
+#        t: 0    1    2     3 (dS .25)  4    5 (dS .6, S .95 > tau_m)  6    7 (dS .5 exactly)
+SCRIPT = [0.0, 0.1, 0.1, 0.35, 0.35, 0.95, 0.3, 0.8]
+
+
+def test_decisions_follow_the_thresholds_strictly():
+    prop, ref = ScriptedPropagator(SCRIPT), RecordingRefiner()
+    s = LazySession(prop, FRAMES, {0: first_mask()}, refiner=ref)
+    recs = s.run()
+    assert [r.objects[1].decision for r in recs] == [
+        Decision.NONE, Decision.NONE, Decision.NONE, Decision.PSEUDO, Decision.NONE,
+        Decision.USER, Decision.NONE, Decision.PSEUDO]  # frame 7: dS = 0.5 is not > tau_u
+    assert recs[5].review and s.review_frames == [5]
+    assert recs[0].objects[1].dS is None
+    assert recs[3].objects[1].S == pytest.approx(0.35, abs=1e-5)
+    assert recs[3].objects[1].dS == pytest.approx(0.25, abs=1e-5)
+
+
+def test_pseudo_click_goes_to_the_refiner_and_replaces_the_mask_without_a_memory_write():
+    prop, ref = ScriptedPropagator(SCRIPT), RecordingRefiner()
+    s = LazySession(prop, FRAMES, {0: first_mask()}, refiner=ref)
+    recs = s.run()
+    frame_id, clicks, _ = ref.calls[0]
+    assert frame_id == 3 and len(clicks) == 1 and clicks[0].positive
+    assert 15 <= clicks[0].x < 35 and 10 <= clicks[0].y < 30
+    assert recs[3].mask[11, 16] == 0 and recs[3].mask[15, 20] == 1  # the refined (smaller) square
+    commit = {t: w for t, w, _ in prop.commits}
+    assert commit[3] is False and not recs[3].written  # pseudo-corrected frames stay out of memory
+    assert (prop.commits[3][2] == recs[3].mask).all()  # the propagator is told the final mask
+
+
+def test_udu_veto_and_pseudo_idu_switch():
+    prop = ScriptedPropagator(SCRIPT)
+    s = LazySession(prop, FRAMES, {0: first_mask()}, refiner=RecordingRefiner(), config=LazyConfig(user=False, pseudo_idu=True))
+    recs = s.run()
+    commit = {t: w for t, w, _ in prop.commits}
+    assert commit[5] is False  # S = 0.95 > tau_m: vetoed
+    assert commit[3] is True and recs[3].written  # pseudo-IDU on
+    assert recs[5].objects[1].decision is Decision.PSEUDO  # user off: the big jump is fixed automatically
+
+
+def test_on_the_fly_user_correction_is_written_to_memory_and_overrides_the_veto():
+    asked = []
+
+    def user(req):
+        asked.append((req.frame_index, req.label, req.S, req.dS))
+        return Correction(clicks=(Click(25, 20, True),))
+
+    prop, ref = ScriptedPropagator(SCRIPT), RecordingRefiner()
+    s = LazySession(prop, FRAMES, {0: first_mask()}, refiner=ref, user=user)
+    recs = s.run()
+    assert [a[0] for a in asked] == [5]
+    assert asked[0][2] == pytest.approx(0.95, abs=1e-5)
+    assert recs[5].objects[1].answered and not recs[5].review
+    assert dict((t, w) for t, w, _ in prop.commits)[5] is True and recs[5].written
+    assert recs[5].objects[1].clicks == [Click(25, 20, True)]
+
+
+def test_mask_correction_needs_no_refiner_and_paper_ablation_switches():
+    gt = np.zeros((H, W), bool)
+    gt[5:15, 5:15] = True
+    prop = ScriptedPropagator(SCRIPT)
+    s = LazySession(prop, FRAMES, {0: first_mask()}, refiner=None, config=LazyConfig(pseudo=False, idu=False),
+                    user=lambda req: Correction(mask=gt))
+    recs = s.run()
+    assert (recs[5].mask.astype(bool) == gt).all()
+    assert dict((t, w) for t, w, _ in prop.commits)[5] is False  # IDU off, vetoed by UDU
+
+
+def test_trigger_on_S_and_budget():
+    prop = ScriptedPropagator(SCRIPT)
+    s = LazySession(prop, FRAMES, {0: first_mask()}, refiner=RecordingRefiner(),
+                    config=LazyConfig(trigger="S", tau_u=0.7, tau_p=0.3, user_budget=1))
+    recs = s.run()
+    # S > 0.7 on frames 5 and 7, but the budget allows one request
+    assert [r.index for r in recs if r.objects[1].decision is Decision.USER] == [5]
+    assert recs[7].objects[1].decision is Decision.PSEUDO
+    assert recs[3].objects[1].decision is Decision.PSEUDO and recs[1].objects[1].decision is Decision.NONE
+
+
+def test_off_config_never_corrects_or_vetoes():
+    prop = ScriptedPropagator(SCRIPT)
+    recs = LazySession(prop, FRAMES, {0: first_mask()}, config=LazyConfig.off()).run()
+    assert all(r.decision is Decision.NONE for r in recs)
+    assert all(w is None for _, w, _ in prop.commits)
+
+
+def test_deferred_correction_resumes_at_the_review_frame_without_recomputing_earlier_frames():
+    prop, ref = ScriptedPropagator(SCRIPT), RecordingRefiner()
+    s = LazySession(prop, FRAMES, {0: first_mask()}, refiner=ref, config=LazyConfig(snapshot_every=100))
+    s.run()
+    assert s.review_frames == [5]
+    before = {t: r.mask.copy() for t, r in s.records.items()}
+    prop.steps.clear()
+    fixed = np.zeros((H, W), bool)
+    fixed[0:8, 0:8] = True
+    first = s.correct({(5, 1): Correction(mask=fixed)})
+    assert first == 5
+    assert prop.steps == [5, 6, 7]  # frames 0..4 were not recomputed
+    assert (s.records[5].mask.astype(bool) == fixed).all()
+    assert s.records[5].objects[1].answered and s.review_frames == []
+    assert s.records[5].written and 5 in prop.memory
+    for t in range(5):
+        assert (s.records[t].mask == before[t]).all()
+
+
+def test_deferred_correction_on_an_unkept_frame_replays_from_the_nearest_kept_state():
+    prop = ScriptedPropagator(SCRIPT)
+    s = LazySession(prop, FRAMES, {0: first_mask()}, refiner=RecordingRefiner(), config=LazyConfig(snapshot_every=4))
+    s.run()
+    prop.steps.clear()
+    s.correct({(6, 1): Correction(mask=np.ones((H, W), bool))})
+    assert prop.steps == [5, 6, 7]  # frame 5 is a review frame: its state was kept
+    assert s.records[6].objects[1].decision is Decision.USER and s.records[6].written
+    prop.steps.clear()
+    s.correct({(2, 1): Correction(mask=np.ones((H, W), bool))})
+    assert prop.steps == [0, 1, 2, 3, 4, 5, 6, 7]  # kept states at 0 and 4; 2 replays from 0
+    assert s.records[6].objects[1].answered  # the earlier correction is replayed
+
+
+def test_loss_detection_is_off_by_default_and_switchable():
+    class Vanishing(ScriptedPropagator):
+        def step(self, frame, given=None):
+            probs = super().step(frame, given)
+            if self.t >= 4:
+                probs[1] = 0.0
+                probs[0] = 1.0
+            return probs
+
+    recs = LazySession(Vanishing([0.1] * 8), FRAMES, {0: first_mask()}, refiner=RecordingRefiner()).run()
+    assert all(r.objects[1].decision is Decision.NONE for r in recs)  # the paper: loss never triggers
+    recs = LazySession(Vanishing([0.1] * 8), FRAMES, {0: first_mask()}, refiner=RecordingRefiner(),
+                       config=LazyConfig(detect_loss=True, loss_min_area=100)).run()
+    assert [r.index for r in recs if r.objects[1].decision is Decision.USER] == [4]
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="initial mask"):
+        LazySession(ScriptedPropagator(SCRIPT), FRAMES, {}, refiner=RecordingRefiner())
+    with pytest.raises(ValueError, match="refiner"):
+        LazySession(ScriptedPropagator(SCRIPT), FRAMES, {0: first_mask()}, refiner=None)
+    s = LazySession(ScriptedPropagator(SCRIPT), FRAMES, {0: first_mask()}, refiner=RecordingRefiner())
+    s.run()
+    with pytest.raises(ValueError, match="frames 0..7"):
+        s.correct({(9, 1): Correction(mask=np.ones((H, W), bool))})
