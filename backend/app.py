@@ -12,13 +12,36 @@ import os
 import time
 from typing import Any
 
-from flask import Flask, jsonify, request
+from flask import Flask, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
 from lazyxmem_core import __version__
-from lazyxmem_core.engines import EngineSettings, propagator_name, refiner_name
+from lazyxmem_core.engines import propagator_name, refiner_name
+from lazyxmem_core.errors import LazyXMemError
+
+from .convert import TaskError
+from .fetch import FetchError
+from . import export
+from .labelconfig import parse_label_config
+from .model import BackendSettings, LazyXMemModel
+
 
 log = logging.getLogger("lazyxmem.backend")
+
+
+class _BadRequest(ValueError):
+    pass
+
+
+def _task_ids(tasks: list | None = None) -> str:
+    """Task ids of the current request, for log lines."""
+    if tasks is None:
+        body = request.get_json(silent=True)
+        tasks = body.get("tasks") if isinstance(body, dict) else None
+        if tasks is None and isinstance(body, dict) and isinstance(body.get("task"), dict):
+            tasks = [body["task"]]
+    ids = [str(t.get("id")) for t in tasks or [] if isinstance(t, dict)]
+    return "task " + ",".join(ids) if ids else "(no task)"
 
 
 def _check_auth(user: str, password: str) -> bool:
@@ -32,13 +55,14 @@ def _check_auth(user: str, password: str) -> bool:
     return hmac.compare_digest(given_user, user) & hmac.compare_digest(given_pass, password)
 
 
-def create_app(settings: EngineSettings | None = None) -> Flask:
+def create_app(settings: BackendSettings | None = None) -> Flask:
     app = Flask(__name__)
-    settings = settings or EngineSettings.from_env()
+    model = LazyXMemModel(settings or BackendSettings.from_env())
+    settings = model.settings.engine
     auth_user, auth_pass = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
     started = time.time()
     counters = {"requests": 0, "errors": 0}
-    model_version = f"lazyxmem-{__version__}-{propagator_name(settings)}"
+    model_version = model.model_version
 
     @app.before_request
     def authenticate() -> Any:
@@ -57,7 +81,7 @@ def create_app(settings: EngineSettings | None = None) -> Flask:
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Any:
         counters["errors"] += 1
-        log.exception("unhandled error on %s", request.path)
+        log.exception("unhandled error on %s %s", request.path, _task_ids())
         return jsonify(error=f"internal error: {type(exc).__name__}: {exc}"), 500
 
     @app.get("/")
@@ -71,11 +95,80 @@ def create_app(settings: EngineSettings | None = None) -> Flask:
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
             return jsonify(error="setup expects a JSON object with 'project' and 'schema'"), 400
+        schema = body.get("schema")
+        if schema:
+            parse_label_config(schema)  # a config we cannot serve is reported at connection time
+            model.label_configs[str(body.get("project", "")).split(".")[0]] = schema
         return jsonify(model_version=model_version)
 
     @app.get("/versions")
     def versions() -> Any:
         return jsonify(versions=[model_version], model_dir=os.environ.get("MODEL_DIR", ""))
+
+    def json_body() -> dict:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise _BadRequest("request body must be a JSON object")
+        return body
+
+    @app.errorhandler(_BadRequest)
+    def bad_request(exc: _BadRequest) -> Any:
+        counters["errors"] += 1
+        return jsonify(error=str(exc)), 400
+
+    @app.errorhandler(LazyXMemError)  # the request cannot be served as it is
+    def client_error(exc: Exception) -> Any:
+        counters["errors"] += 1
+        log.warning("%s %s: %s", request.path, _task_ids(), exc)
+        return jsonify(error=str(exc)), 422 if isinstance(exc, (TaskError, FetchError)) else 400
+
+    @app.post("/predict")
+    def predict() -> Any:
+        body = json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) for t in tasks):
+            raise _BadRequest("'tasks' must be a non-empty list of task objects")
+        params = body.get("params") or {}
+        if not isinstance(params, dict):
+            raise _BadRequest("'params' must be an object")
+        context = params.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise _BadRequest("'params.context' must be an object or null")
+        config = body.get("label_config") or model.label_configs.get(str(body.get("project", "")).split(".")[0])
+        if not config:
+            raise _BadRequest("no label config: send 'label_config' or call /setup for this project first")
+        t0 = time.perf_counter()
+        results = model.predict(tasks, config, context)
+        log.info("predict %s: %d task(s) in %.2f s", _task_ids(tasks), len(tasks), time.perf_counter() - t0)
+        return jsonify(results=results, model_version=model_version)
+
+    @app.post("/webhook")
+    def webhook() -> Any:
+        body = json_body()
+        action = body.get("action")
+        if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+            return jsonify(model.on_annotation(body)), 200
+        return jsonify(status="ignored", action=action), 200
+
+    @app.get("/jobs/<job_id>")
+    def job(job_id: str) -> Any:
+        job = model.jobs.jobs.get(job_id)
+        if job is None:
+            return jsonify(error=f"no job {job_id}"), 404
+        return jsonify(job)
+
+    @app.get("/tasks/<int:task_id>/masks")
+    def masks(task_id: int) -> Any:
+        state = model.held(task_id)
+        if state is None:
+            return jsonify(error=f"task {task_id} has no session here: run a prediction first"), 404
+        fmt = request.args.get("format", "coco")
+        if fmt == "png":
+            return send_file(export.png_zip(state), mimetype="application/zip", as_attachment=True,
+                             download_name=f"task-{task_id}-masks.zip")
+        if fmt == "coco":
+            return jsonify(export.coco_rle(state))
+        return jsonify(error="format must be png or coco"), 400
 
     @app.get("/metrics")
     def metrics() -> Any:

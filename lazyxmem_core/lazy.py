@@ -259,7 +259,11 @@ class LazySession:
         t3 = time.perf_counter()
 
         for label, rec in objects.items():
-            self._prev_S[label] = rec.S
+            if label in given_labels:
+                # A given mask has no uncertainty of its own: dS starts one frame later.
+                self._prev_S.pop(label, None)
+            else:
+                self._prev_S[label] = rec.S
             self._prev_area[label] = rec.area
         self.records[t] = FrameRecord(
             index=t, mask=output, objects=objects, written=bool(written), given=given is not None,

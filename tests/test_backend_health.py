@@ -1,13 +1,13 @@
 import base64
 
 from backend.app import create_app
-from lazyxmem_core.engines import EngineSettings
+from backend.model import BackendSettings
 
 
 def test_health_setup_and_basic_auth(monkeypatch):
     monkeypatch.setenv("BASIC_AUTH_USER", "ann")
     monkeypatch.setenv("BASIC_AUTH_PASS", "secret")
-    client = create_app(EngineSettings()).test_client()
+    client = create_app(BackendSettings()).test_client()
     r = client.get("/health")
     assert r.status_code == 200 and r.json["status"] == "UP" and r.json["engine"] == "embedded"
     assert client.post("/setup", json={"project": "1.0", "schema": "<View/>"}).status_code == 401
@@ -15,6 +15,9 @@ def test_health_setup_and_basic_auth(monkeypatch):
     bad = {"Authorization": "Basic " + base64.b64encode(b"ann:nope").decode()}
     assert client.post("/setup", json={"project": "1.0"}, headers=bad).status_code == 401
     r = client.post("/setup", json={"project": "1.0", "schema": "<View/>"}, headers=good)
+    assert r.status_code == 400 and "neither a <Video> tag nor an <Image" in r.json["error"]
+    config = open("backend/configs/video.xml").read()
+    r = client.post("/setup", json={"project": "1.0", "schema": config}, headers=good)
     assert r.status_code == 200 and r.json["model_version"].startswith("lazyxmem-")
     r = client.post("/setup", data="{not json", headers={**good, "Content-Type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json["error"]

@@ -104,7 +104,8 @@ def test_decisions_follow_the_thresholds_strictly():
         Decision.NONE, Decision.NONE, Decision.NONE, Decision.PSEUDO, Decision.NONE,
         Decision.USER, Decision.NONE, Decision.PSEUDO]  # frame 7: dS = 0.5 is not > tau_u
     assert recs[5].review and s.review_frames == [5]
-    assert recs[0].objects[1].dS is None
+    assert recs[0].objects[1].dS is None and recs[1].objects[1].dS is None  # no dS right after a given mask
+    assert recs[2].objects[1].dS == pytest.approx(0.0, abs=1e-6)
     assert recs[3].objects[1].S == pytest.approx(0.35, abs=1e-5)
     assert recs[3].objects[1].dS == pytest.approx(0.25, abs=1e-5)
 

@@ -1,0 +1,275 @@
+"""Label Studio JSON <-> core types. Frames are 1-based and geometry is in percent in Label Studio;
+0-based and in pixels in the core."""
+from __future__ import annotations
+
+from lazyxmem_core.errors import LazyXMemError
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
+
+from lazyxmem_core.types import Box, Click
+
+from .labelconfig import AUTO_LABEL, REVIEW_LABEL, LabelConfig
+
+
+class TaskError(LazyXMemError):
+    """A task or region the backend cannot use; the message says what is wrong."""
+
+
+_OWN_ID = re.compile(r"^lazyxmem-(\d+)(?:-\d+)?$")
+
+
+def object_key(region_id: str) -> str:
+    """Regions this backend predicted carry ids ``lazyxmem-<object>[-<frame>]``: one key per object."""
+    m = _OWN_ID.match(region_id)
+    return f"lazyxmem-{m.group(1)}" if m else region_id
+
+
+def first_per_object(prompts: list[ObjectPrompt]) -> list[ObjectPrompt]:
+    """Keep each object's earliest prompt (an annotation made from a prediction holds every frame)."""
+    best: dict[str, ObjectPrompt] = {}
+    for p in prompts:
+        key = object_key(p.key)
+        if key not in best or p.frame < best[key].frame:
+            best[key] = p
+    return sorted(best.values(), key=lambda p: (p.frame, p.key))
+
+
+@dataclass
+class ObjectPrompt:
+    """One object as the annotator gave it: where it starts and what shape it was given there."""
+
+    key: str  # Label Studio region id
+    label: str  # the label text, kept on the predictions
+    frame: int  # 0-based frame of the first keyframe / item
+    box: Box | None = None
+    mask: np.ndarray | None = None
+    clicks: list[Click] = field(default_factory=list)
+
+
+def _pct_box(v: dict, width: int, height: int, where: str) -> Box:
+    try:
+        x, y, w, h = (float(v[k]) for k in ("x", "y", "width", "height"))
+    except (KeyError, TypeError, ValueError):
+        raise TaskError(f"{where}: a box needs numeric x, y, width, height (percent)") from None
+    if w <= 0 or h <= 0 or x < -0.5 or y < -0.5 or x + w > 100.5 or y + h > 100.5:
+        raise TaskError(f"{where}: box x={x} y={y} width={w} height={h} lies outside the frame (percent, 0..100)")
+    x0, y0 = max(0.0, x) * width / 100, max(0.0, y) * height / 100
+    x1, y1 = min(100.0, x + w) * width / 100, min(100.0, y + h) * height / 100
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        raise TaskError(f"{where}: box is smaller than a pixel")
+    return Box(x0, y0, x1, y1)
+
+
+def _label_of(value: dict) -> str:
+    for key in ("labels", "brushlabels", "rectanglelabels", "keypointlabels"):
+        if value.get(key):
+            return str(value[key][0])
+    return "Object"
+
+
+def video_prompts(results: Iterable[dict], cfg: LabelConfig, width: int, height: int, n_frames: int) -> list[ObjectPrompt]:
+    """Objects from VideoRectangle regions: the first enabled keyframe of each is its initial box."""
+    prompts = []
+    for r in results:
+        if r.get("type") != "videorectangle" or r.get("from_name") != cfg.output.name:
+            continue
+        seq = [k for k in (r.get("value") or {}).get("sequence") or [] if k.get("enabled", True)]
+        if not seq:
+            continue
+        first = min(seq, key=lambda k: int(k.get("frame", 1)))
+        frame = int(first.get("frame", 1)) - 1
+        if not 0 <= frame < n_frames:
+            raise TaskError(f"region {r.get('id')}: keyframe {frame + 1} is outside the video (1..{n_frames})")
+        box = _pct_box(first, width, height, f"region {r.get('id')} frame {frame + 1}")
+        prompts.append(ObjectPrompt(str(r.get("id")), _label_of(r.get("value") or {}), frame, box=box))
+    return prompts
+
+
+def decode_brush(value: dict, width: int, height: int, where: str) -> np.ndarray:
+    rle = value.get("rle")
+    if not isinstance(rle, list) or not rle:
+        raise TaskError(f"{where}: brush region has no RLE")
+    try:
+        rgba = np.frombuffer(bytes(decode_rle(rle)), np.uint8)
+    except Exception as exc:
+        raise TaskError(f"{where}: brush RLE cannot be decoded ({exc})") from None
+    if rgba.size != width * height * 4:
+        raise TaskError(f"{where}: brush RLE holds {rgba.size // 4} pixels, the frame has {width}x{height}")
+    return rgba.reshape(height, width, 4)[..., 3] > 127
+
+
+def image_prompts(results: Iterable[dict], cfg: LabelConfig, sizes: Sequence[tuple[int, int]]) -> list[ObjectPrompt]:
+    """Objects from brush masks, rectangles or keypoints on any item of an image sequence.
+
+    Each region (not each label) is an object; a "Needs review" rectangle is not an object.
+    """
+    names = {c.name for c in cfg.shapes}
+    prompts = []
+    for r in results:
+        if r.get("from_name") not in names:
+            continue
+        value = r.get("value") or {}
+        label = _label_of(value)
+        if label == REVIEW_LABEL:
+            continue
+        item = int(r.get("item_index", 0) or 0)
+        if not 0 <= item < len(sizes):
+            raise TaskError(f"region {r.get('id')}: item_index {item} is outside the sequence (0..{len(sizes) - 1})")
+        width, height = sizes[item]
+        where = f"region {r.get('id')} on item {item}"
+        kind = r.get("type")
+        p = ObjectPrompt(str(r.get("id")), label, item)
+        if kind == "brushlabels":
+            p.mask = decode_brush(value, width, height, where)
+            if not p.mask.any():
+                continue
+        elif kind == "rectanglelabels":
+            p.box = _pct_box(value, width, height, where)
+        elif kind == "keypointlabels":
+            x, y = float(value.get("x", -1)), float(value.get("y", -1))
+            if not (0 <= x <= 100 and 0 <= y <= 100):
+                raise TaskError(f"{where}: keypoint ({x}, {y}) lies outside the frame (percent, 0..100)")
+            p.clicks = [Click(min(x * width / 100, width - 1), min(y * height / 100, height - 1),
+                              bool(r.get("is_positive", True)))]
+        else:
+            continue
+        prompts.append(p)
+    return prompts
+
+
+# -- core -> Label Studio ---------------------------------------------------------------------
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """(x, y, width, height) in percent of the mask's bounding box; None when empty."""
+    x, y, w, h = cv2.boundingRect(mask.astype(np.uint8))
+    if w == 0 or h == 0:
+        return None
+    H, W = mask.shape
+    return 100 * x / W, 100 * y / H, 100 * w / W, 100 * h / H
+
+
+def keyframes(boxes: Sequence[tuple[float, float, float, float] | None], tolerance: float = 0.5) -> list[dict]:
+    """VideoRectangle keyframes (1-based) for per-frame boxes (None = object absent).
+
+    A keyframe is emitted only where Label Studio's linear interpolation between keyframes would
+    deviate from the box by more than ``tolerance`` percent; the last visible frame before an
+    absence gets ``enabled: false`` (Label Studio hides the box after it).
+    """
+    out: list[dict] = []
+    n = len(boxes)
+    t = 0
+    while t < n:
+        if boxes[t] is None:
+            t += 1
+            continue
+        run_end = t  # the visible run [t, run_end]
+        while run_end + 1 < n and boxes[run_end + 1] is not None:
+            run_end += 1
+        a = t
+        out.append(_kf(a, boxes[a], True))
+        while a < run_end:
+            b = a + 1
+            while b + 1 <= run_end and _fits(boxes, a, b + 1, tolerance):
+                b += 1
+            out.append(_kf(b, boxes[b], True))
+            a = b
+        if run_end + 1 < n:  # the object disappears after run_end
+            out[-1]["enabled"] = False
+        t = run_end + 1
+    return out
+
+
+def _fits(boxes: Sequence, a: int, b: int, tol: float) -> bool:
+    A, B = np.asarray(boxes[a]), np.asarray(boxes[b])
+    for i in range(a + 1, b):
+        interp = A + (B - A) * (i - a) / (b - a)
+        if np.abs(interp - np.asarray(boxes[i])).max() > tol:
+            return False
+    return True
+
+
+def _kf(t: int, box: tuple[float, float, float, float], enabled: bool) -> dict:
+    x, y, w, h = box
+    return {"frame": t + 1, "x": round(x, 4), "y": round(y, 4), "width": round(w, 4), "height": round(h, 4),
+            "rotation": 0, "enabled": enabled}
+
+
+def frame_ranges(frames: Iterable[int]) -> list[dict]:
+    """Consecutive 0-based frames merged into 1-based inclusive ranges."""
+    ranges: list[dict] = []
+    for t in sorted(set(frames)):
+        if ranges and ranges[-1]["end"] == t:  # previous end is t-1 in 1-based = t
+            ranges[-1]["end"] = t + 1
+        else:
+            ranges.append({"start": t + 1, "end": t + 1})
+    return ranges
+
+
+def video_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequence[tuple[int, str]],
+                  review: Iterable[int], pseudo: Iterable[int], fps: float, tolerance: float = 0.5) -> list[dict]:
+    """VideoRectangle tracks per object and TimelineLabels spans for review / auto-corrected frames.
+
+    masks: index masks for every frame (frames before an object's start are simply empty).
+    objects: (core label value, label text) pairs.
+    """
+    n = len(masks)
+    out = []
+    for value, text in objects:
+        boxes = [mask_box(m == value) for m in masks]
+        seq = keyframes(boxes, tolerance)
+        for k in seq:
+            k["time"] = round((k["frame"] - 1) / fps, 4)
+        if not seq:
+            continue
+        out.append({"id": f"lazyxmem-{value}", "from_name": cfg.output.name, "to_name": cfg.object_tag,
+                    "type": "videorectangle", "origin": "prediction",
+                    "value": {"framesCount": n, "duration": round(n / fps, 4), "labels": [text], "sequence": seq}})
+    if cfg.review is not None:
+        for name, frames in ((REVIEW_LABEL, review), (AUTO_LABEL, pseudo)):
+            ranges = frame_ranges(frames)
+            if ranges and name in cfg.review.labels:
+                out.append({"id": f"lazyxmem-{'review' if name == REVIEW_LABEL else 'auto'}",
+                            "from_name": cfg.review.name, "to_name": cfg.object_tag, "type": "timelinelabels",
+                            "value": {"ranges": ranges, "timelinelabels": [name]}})
+    return out
+
+
+def image_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequence[tuple[int, str]],
+                  review: Iterable[int], pseudo: Iterable[int]) -> list[dict]:
+    """BrushLabels masks per object per item, and per-item review marks."""
+    out = []
+    for t, m in enumerate(masks):
+        h, w = m.shape
+        for value, text in objects:
+            obj = m == value
+            if not obj.any():
+                continue
+            out.append({"id": f"lazyxmem-{value}-{t}", "from_name": cfg.output.name, "to_name": cfg.object_tag,
+                        "type": "brushlabels", "item_index": t, "original_width": w, "original_height": h,
+                        "image_rotation": 0,
+                        "value": {"format": "rle", "rle": mask2rle((obj * 255).astype(np.uint8)), "brushlabels": [text]}})
+    review, pseudo = sorted(set(review)), sorted(set(pseudo))
+    marks = {t: [REVIEW_LABEL] for t in review}
+    for t in pseudo:
+        marks.setdefault(t, []).append(AUTO_LABEL)
+    if cfg.review is not None:
+        for t, choices in sorted(marks.items()):
+            choices = [c for c in choices if c in cfg.review.labels]
+            if choices:
+                out.append({"id": f"lazyxmem-mark-{t}", "from_name": cfg.review.name, "to_name": cfg.object_tag,
+                            "type": "choices", "item_index": t, "value": {"choices": choices}})
+    if cfg.review_box is not None:
+        for t in review:
+            h, w = masks[t].shape
+            box = mask_box(masks[t] > 0) or (0.0, 0.0, 100.0, 100.0)
+            out.append({"id": f"lazyxmem-review-{t}", "from_name": cfg.review_box.name, "to_name": cfg.object_tag,
+                        "type": "rectanglelabels", "item_index": t, "original_width": w, "original_height": h,
+                        "image_rotation": 0,
+                        "value": {"x": box[0], "y": box[1], "width": box[2], "height": box[3], "rotation": 0,
+                                  "rectanglelabels": [REVIEW_LABEL]}})
+    return out

@@ -1,0 +1,492 @@
+"""The one model class: Label Studio tasks in, predictions out; sessions kept per task.
+
+Everything here translates (Label Studio JSON <-> core types, via ``convert``) and schedules;
+the Lazy logic is ``lazyxmem_core.LazySession``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lazyxmem_core import __version__
+from lazyxmem_core.engines import EngineSettings, build_propagator, build_refiner, propagator_name
+from lazyxmem_core.errors import LazyXMemError
+from lazyxmem_core.lazy import LazyConfig, LazySession
+from lazyxmem_core.media import ArrayFrames, FrameSequence, VideoFrames
+from lazyxmem_core.protocols import Refiner
+from lazyxmem_core.types import Click, Correction, Decision
+
+from . import convert
+from .convert import ObjectPrompt, TaskError
+from .fetch import FetchError, MediaFetcher
+from .labelconfig import ConfigError, LabelConfig, parse_label_config
+
+log = logging.getLogger(__name__)
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        raise LazyXMemError(f"{name}={os.environ[name]!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    ls_url: str | None = None
+    api_key: str | None = None
+    cache_dir: str = os.path.join(tempfile.gettempdir(), "lazyxmem-cache")
+    allowed_hosts: frozenset[str] = frozenset()
+    max_media_mb: float = 2048
+    max_frames: int = 20000
+    max_sessions: int = 8
+    sync_budget_s: float = 60.0  # propagate inside /predict only when it should end within this
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    lazy: LazyConfig = field(default_factory=LazyConfig)
+
+    @classmethod
+    def from_env(cls) -> BackendSettings:
+        d = LazyConfig()
+        return cls(
+            ls_url=os.environ.get("LABEL_STUDIO_URL") or None,
+            api_key=os.environ.get("LABEL_STUDIO_API_KEY") or None,
+            cache_dir=os.environ.get("CACHE_DIR", cls.cache_dir),
+            allowed_hosts=frozenset(h for h in os.environ.get("ALLOWED_MEDIA_HOSTS", "").split(",") if h),
+            max_media_mb=_env_float("MAX_MEDIA_MB", cls.max_media_mb),
+            max_frames=int(_env_float("MAX_FRAMES", cls.max_frames)),
+            max_sessions=int(_env_float("MAX_SESSIONS", cls.max_sessions)),
+            sync_budget_s=_env_float("SYNC_BUDGET_S", cls.sync_budget_s),
+            engine=EngineSettings.from_env(),
+            lazy=LazyConfig(tau_u=_env_float("TAU_U", d.tau_u), tau_p=_env_float("TAU_P", d.tau_p),
+                            tau_m=_env_float("TAU_M", d.tau_m),
+                            user_budget=int(os.environ["REVIEW_BUDGET"]) if os.environ.get("REVIEW_BUDGET") else None,
+                            detect_loss=os.environ.get("DETECT_LOSS", "true").lower() in ("1", "true", "yes")),
+        )
+
+
+@dataclass
+class TaskState:
+    """A task's video, its objects and its Lazy session (deferred mode: review frames, no callback)."""
+
+    task_id: int
+    cfg: LabelConfig
+    frames: FrameSequence
+    objects: list[tuple[int, str]]  # (core label value, label text)
+    session: LazySession
+    fps: float
+    revision: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def masks(self) -> list[np.ndarray]:
+        h, w = self.frames[0].shape[:2]
+        empty = np.zeros((h, w), np.uint8)
+        recs = self.session.records
+        return [recs[t].mask if t in recs else empty for t in range(len(self.frames))]
+
+
+class JobRunner:
+    """In-process background jobs (long videos, re-propagation) with progress for /jobs/<id>."""
+
+    def __init__(self, workers: int = 1) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lazyxmem-job")
+        self.jobs: dict[str, dict[str, Any]] = {}
+
+    def submit(self, kind: str, task_id: int, total: int, fn: Callable[[Callable[[int], None]], Any]) -> str:
+        job_id = uuid.uuid4().hex[:12]
+        job = {"id": job_id, "kind": kind, "task": task_id, "status": "queued", "done": 0, "total": total,
+               "fps": None, "error": None, "started": None, "finished": None}
+        self.jobs[job_id] = job
+
+        def run() -> None:
+            job["status"], job["started"] = "running", time.time()
+
+            def progress(n: int) -> None:
+                job["done"] += n
+                job["fps"] = round(job["done"] / max(1e-6, time.time() - job["started"]), 2)
+
+            try:
+                fn(progress)
+                job["status"] = "finished"
+            except Exception as exc:  # a failed job is reported, the worker lives on
+                log.exception("task %s: %s job failed", task_id, kind)
+                job["status"], job["error"] = "failed", f"{type(exc).__name__}: {exc}"
+            job["finished"] = time.time()
+
+        self._pool.submit(run)
+        return job_id
+
+
+class LazyXMemModel:
+    def __init__(self, settings: BackendSettings | None = None) -> None:
+        self.settings = settings or BackendSettings.from_env()
+        self.fetcher = MediaFetcher(self.settings.ls_url, self.settings.api_key, self.settings.cache_dir,
+                                    set(self.settings.allowed_hosts), int(self.settings.max_media_mb * 2**20))
+        self.sessions: OrderedDict[int, TaskState] = OrderedDict()
+        self._sessions_lock = threading.Lock()
+        self.jobs = JobRunner()
+        self._refiner: Refiner | None = None
+        self._refiner_lock = threading.Lock()
+        self.label_configs: dict[str, str] = {}  # project id -> label config, from /setup
+        self.seconds_per_object_frame = 0.25  # running estimate, refined after each propagation
+
+    @property
+    def model_version(self) -> str:
+        return f"lazyxmem-{__version__}-{propagator_name(self.settings.engine)}"
+
+    # -- engines ------------------------------------------------------------------------------
+    def refiner(self) -> Refiner:
+        with self._refiner_lock:
+            if self._refiner is None:
+                r = build_refiner(self.settings.engine)
+                if r is None:
+                    raise LazyXMemError("a refiner is needed to turn boxes and clicks into masks; set LAZYXMEM_REFINER")
+                self._refiner = r
+            return self._refiner
+
+    # -- sessions -----------------------------------------------------------------------------
+    def _keep(self, state: TaskState) -> None:
+        with self._sessions_lock:
+            self.sessions[state.task_id] = state
+            self.sessions.move_to_end(state.task_id)
+            while len(self.sessions) > self.settings.max_sessions:
+                old, _ = self.sessions.popitem(last=False)
+                log.info("task %s: session dropped (LRU, MAX_SESSIONS=%d)", old, self.settings.max_sessions)
+
+    def held(self, task_id: int) -> TaskState | None:
+        with self._sessions_lock:
+            state = self.sessions.get(task_id)
+            if state is not None:
+                self.sessions.move_to_end(task_id)
+            return state
+
+    # -- media --------------------------------------------------------------------------------
+    def load_frames(self, task: dict, cfg: LabelConfig) -> tuple[FrameSequence, float]:
+        data = task.get("data") or {}
+        if cfg.value_key not in data:
+            raise TaskError(f"task {task.get('id')} has no data field {cfg.value_key!r} (the config's value)")
+        value = data[cfg.value_key]
+        if cfg.mode == "video":
+            if not isinstance(value, str):
+                raise TaskError(f"task {task.get('id')}: data.{cfg.value_key} must be a video URL")
+            path = self.fetcher.fetch(value)
+            frames = VideoFrames(path, max_frames=self.settings.max_frames)
+            return frames, cfg.frame_rate or frames.fps
+        if not isinstance(value, list) or not value or not all(isinstance(u, str) for u in value):
+            raise TaskError(f"task {task.get('id')}: data.{cfg.value_key} must be a non-empty list of image URLs")
+        if len(value) > self.settings.max_frames:
+            raise TaskError(f"task {task.get('id')} has {len(value)} frames, over MAX_FRAMES={self.settings.max_frames}")
+        import cv2
+
+        images = []
+        for url in value:
+            bgr = cv2.imread(str(self.fetcher.fetch(url)), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise TaskError(f"task {task.get('id')}: image {url} cannot be decoded")
+            images.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        if len({im.shape for im in images}) > 1:
+            raise TaskError(f"task {task.get('id')}: the images of a sequence must all have one size")
+        return ArrayFrames(images), 1.0
+
+    # -- building a session from Label Studio's data -------------------------------------------------
+    @staticmethod
+    def annotation_results(task: dict) -> list[dict]:
+        """The regions of the task's latest annotation (or draft), where the objects are defined."""
+        anns = [a for a in (task.get("annotations") or []) if not a.get("was_cancelled")]
+        anns += [d for d in (task.get("drafts") or [])]
+        if not anns:
+            return []
+        latest = max(anns, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
+        return latest.get("result") or []
+
+    def prompts(self, results: list[dict], cfg: LabelConfig, frames: FrameSequence) -> list[ObjectPrompt]:
+        h, w = frames[0].shape[:2]
+        if cfg.mode == "video":
+            return convert.first_per_object(convert.video_prompts(results, cfg, w, h, len(frames)))
+        return convert.first_per_object(convert.image_prompts(results, cfg, [(w, h)] * len(frames)))
+
+    def prompt_mask(self, frames: FrameSequence, p: ObjectPrompt) -> np.ndarray:
+        if p.mask is not None:
+            return p.mask
+        frame = frames[p.frame]
+        return self.refiner().refine(frame, clicks=p.clicks, box=p.box, frame_id=("prompt", p.frame))
+
+    def build(self, task: dict, cfg: LabelConfig) -> TaskState | None:
+        task_id = int(task.get("id") or 0)
+        frames, fps = self.load_frames(task, cfg)
+        prompts = self.prompts(self.annotation_results(task), cfg, frames)
+        if not prompts:
+            return None
+        h, w = frames[0].shape[:2]
+        given: dict[int, np.ndarray] = {}
+        objects = []
+        for value, p in enumerate(prompts[:255], start=1):
+            mask = self.prompt_mask(frames, p)
+            if not mask.any():
+                raise TaskError(f"task {task_id}: region {p.key} gives an empty mask on frame {p.frame + 1}")
+            given.setdefault(p.frame, np.zeros((h, w), np.uint8))[mask] = value
+            objects.append((value, p.label))
+        session = LazySession(build_propagator(self.settings.engine), frames, given, refiner=self.refiner(),
+                              config=self.settings.lazy)
+        return TaskState(task_id, cfg, frames, objects, session, fps)
+
+    # -- predictions ------------------------------------------------------------------------
+    def prediction(self, state: TaskState) -> dict:
+        s = state.session
+        review = s.review_frames
+        pseudo = [r.index for r in s.ordered_records() if r.decision is Decision.PSEUDO]
+        masks = state.masks()
+        if state.cfg.mode == "video":
+            result = convert.video_results(state.cfg, masks, state.objects, review, pseudo, state.fps)
+        else:
+            result = convert.image_results(state.cfg, masks, state.objects, review, pseudo)
+        S = [min(1.0, o.S) for r in s.ordered_records() for o in r.objects.values() if o.area > 0]
+        score = round(1.0 - float(np.mean(S)), 4) if S else 0.0
+        version = self.model_version + (f"-r{state.revision}" if state.revision else "")
+        return {"result": result, "score": score, "model_version": version,
+                "review_frames": [t + 1 for t in review]}
+
+    def estimate_seconds(self, n_frames: int, n_objects: int) -> float:
+        return n_frames * max(1, n_objects) * self.seconds_per_object_frame
+
+    def propagate(self, state: TaskState, progress: Callable[[int], None] | None = None) -> None:
+        t0 = time.perf_counter()
+        n0 = len(state.session.records)
+        with state.lock:
+            state.session.run(progress=progress)
+        done = len(state.session.records) - n0
+        if done > 10:
+            per = (time.perf_counter() - t0) / (done * max(1, len(state.objects)))
+            self.seconds_per_object_frame = 0.5 * self.seconds_per_object_frame + 0.5 * per
+        log.info("task %s: %d frames in %.1f s, %d review frames", state.task_id, done,
+                 time.perf_counter() - t0, len(state.session.review_frames))
+
+    def post_prediction(self, state: TaskState) -> None:
+        """Post the task's current prediction through the Label Studio API (background results)."""
+        pred = self.prediction(state)
+        if not (self.settings.ls_url and self.settings.api_key):
+            log.warning("task %s: prediction ready but LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are not set", state.task_id)
+            return
+        from label_studio_sdk import LabelStudio
+
+        client = LabelStudio(base_url=self.settings.ls_url, api_key=self.settings.api_key)
+        client.predictions.create(task=state.task_id, result=pred["result"], score=pred["score"],
+                                  model_version=pred["model_version"])
+        log.info("task %s: posted prediction %s", state.task_id, pred["model_version"])
+
+    def predict(self, tasks: list[dict], label_config: str, context: dict | None) -> list[dict]:
+        cfg = parse_label_config(label_config)
+        if context and context.get("result") is not None:
+            return [self.interactive(tasks[0], cfg, context["result"])]
+        out = []
+        deadline = time.monotonic() + self.settings.sync_budget_s
+        for task in tasks:
+            out.append(self._predict_one(task, cfg, deadline))
+        return out
+
+    def _predict_one(self, task: dict, cfg: LabelConfig, deadline: float) -> dict:
+        task_id = int(task.get("id") or 0)
+        state = self.build(task, cfg)
+        if state is None:
+            log.info("task %s: no region to start from; empty prediction", task_id)
+            return {"result": [], "score": 0.0, "model_version": self.model_version}
+        self._keep(state)
+        remaining = deadline - time.monotonic()
+        if self.estimate_seconds(len(state.frames), len(state.objects)) > remaining:
+            def job(progress: Callable[[int], None]) -> None:
+                self.propagate(state, progress)
+                self.post_prediction(state)
+
+            job_id = self.jobs.submit("propagate", task_id, len(state.frames), job)
+            log.info("task %s: %d frames run in the background (job %s)", task_id, len(state.frames), job_id)
+            return {"result": [], "score": 0.0, "model_version": self.model_version + "-pending", "job": job_id}
+        self.propagate(state)
+        return self.prediction(state)
+
+    # -- corrections ------------------------------------------------------------------------
+    def state_for(self, task: dict, cfg: LabelConfig) -> TaskState:
+        task_id = int(task.get("id") or 0)
+        state = self.held(task_id)
+        if state is None:  # a restart or an evicted session: rebuild from Label Studio's data
+            state = self.build(task, cfg)
+            if state is None:
+                raise TaskError(f"task {task_id} has no region to start from: draw the objects first")
+            self.propagate(state)
+            self._keep(state)
+        return state
+
+    def object_for(self, state: TaskState, frame: int, label: str | None, point: tuple[float, float] | None) -> int:
+        """The object a click or box on ``frame`` refers to: by label text when unambiguous, else by position."""
+        candidates = [v for v, text in state.objects if label is not None and text == label] or [v for v, _ in state.objects]
+        if len(candidates) == 1 or point is None:
+            return candidates[0]
+        mask = state.masks()[frame]
+        x, y = int(point[0]), int(point[1])
+        if mask[y, x] in candidates:
+            return int(mask[y, x])
+        dists = []
+        for v in candidates:
+            ys, xs = np.nonzero(mask == v)
+            dists.append(np.min((xs - x) ** 2 + (ys - y) ** 2) if len(xs) else np.inf)
+        return candidates[int(np.argmin(dists))]
+
+    def interactive(self, task: dict, cfg: LabelConfig, context_results: list[dict]) -> dict:
+        """Clicks or a box on one frame: answer with the refined region now, re-propagate after."""
+        if not context_results:
+            return {"result": [], "model_version": self.model_version}
+        state = self.state_for(task, cfg)
+        h, w = state.frames[0].shape[:2]
+        corrections = self.corrections_from(state, context_results)
+        if not corrections:
+            return {"result": [], "model_version": self.model_version}
+        refined = {}
+        for (t, value), corr in corrections.items():
+            mask = corr.mask
+            if mask is None:
+                prior = state.masks()[t] == value
+                mask = self.refiner().refine(state.frames[t], clicks=corr.clicks, box=corr.box, prior=prior,
+                                             frame_id=("frame", state.task_id, t))
+            refined[(t, value)] = Correction(mask=np.asarray(mask, bool))
+        self.schedule_correction(state, refined)
+        result = []
+        for (t, value), corr in refined.items():
+            single = np.where(corr.mask, value, 0).astype(np.uint8)
+            text = dict(state.objects)[value]
+            if cfg.mode == "images":
+                result += convert.image_results(cfg, [single if i == t else np.zeros_like(single) for i in range(t + 1)],
+                                                [(value, text)], (), ())
+            else:
+                box = convert.mask_box(corr.mask)
+                if box is not None:
+                    kf = convert._kf(t, box, True)
+                    kf["time"] = round(t / state.fps, 4)
+                    result.append({"id": f"lazyxmem-{value}", "from_name": cfg.output.name, "to_name": cfg.object_tag,
+                                   "type": "videorectangle",
+                                   "value": {"framesCount": len(state.frames), "labels": [text], "sequence": [kf]}})
+        return {"result": result, "model_version": self.model_version}
+
+    def corrections_from(self, state: TaskState, results: list[dict]) -> dict[tuple[int, int], Correction]:
+        """Interactive context regions -> corrections {(frame, object): Correction}."""
+        h, w = state.frames[0].shape[:2]
+        cfg = state.cfg
+        out: dict[tuple[int, int], Correction] = {}
+        if cfg.mode == "images":
+            clicks: dict[tuple[int, int], list[Click]] = {}
+            for p in convert.image_prompts(results, cfg, [(w, h)] * len(state.frames)):
+                point = (p.clicks[0].x, p.clicks[0].y) if p.clicks else (
+                    ((p.box.x0 + p.box.x1) / 2, (p.box.y0 + p.box.y1) / 2) if p.box else None)
+                value = self.object_for(state, p.frame, p.label, point)
+                if p.mask is not None:
+                    out[(p.frame, value)] = Correction(mask=p.mask)
+                elif p.box is not None:
+                    out[(p.frame, value)] = Correction(box=p.box, clicks=tuple(clicks.get((p.frame, value), ())))
+                else:
+                    clicks.setdefault((p.frame, value), []).extend(p.clicks)
+            for key, cl in clicks.items():
+                prev = out.get(key)
+                out[key] = Correction(clicks=tuple(cl), box=prev.box if prev else None)
+            return out
+        return self.video_box_edits(state, results)
+
+    def video_box_edits(self, state: TaskState, results: list[dict], tolerance: float = 1.0) -> dict[tuple[int, int], Correction]:
+        """Keyframes whose box differs from the predicted track by more than ``tolerance`` percent."""
+        masks = state.masks()
+        out: dict[tuple[int, int], Correction] = {}
+        h, w = state.frames[0].shape[:2]
+        for r in results:
+            if r.get("type") != "videorectangle":
+                continue
+            value_d = r.get("value") or {}
+            text = convert._label_of(value_d)
+            seq = [k for k in value_d.get("sequence") or [] if k.get("enabled", True)]
+            rid = str(r.get("id", ""))
+            for k in seq:
+                t = int(k.get("frame", 1)) - 1
+                if not 0 <= t < len(state.frames):
+                    raise TaskError(f"region {rid}: keyframe {t + 1} is outside the video (1..{len(state.frames)})")
+                box = convert._pct_box(k, w, h, f"region {rid} frame {t + 1}")
+                if rid.startswith("lazyxmem-") and rid[9:].isdigit():
+                    value = int(rid[9:])
+                else:
+                    value = self.object_for(state, t, text, ((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2))
+                predicted = convert.mask_box(masks[t] == value)
+                given = (k["x"], k["y"], k["width"], k["height"])
+                if predicted is None or max(abs(float(a) - b) for a, b in zip(given, predicted)) > tolerance:
+                    out[(t, value)] = Correction(box=box)
+        return out
+
+    def schedule_correction(self, state: TaskState, corrections: dict[tuple[int, int], Correction]) -> str:
+        """Re-propagate after corrections in the background and post the new prediction."""
+        first = min(t for t, _ in corrections)
+
+        def job(progress: Callable[[int], None]) -> None:
+            with state.lock:
+                state.session.correct(corrections, progress=progress)
+                state.revision += 1
+            self.post_prediction(state)
+
+        job_id = self.jobs.submit("correct", state.task_id, len(state.frames) - first, job)
+        log.info("task %s: correction on frame(s) %s, re-propagating from %d (job %s)", state.task_id,
+                 sorted({t + 1 for t, _ in corrections}), first + 1, job_id)
+        return job_id
+
+    def on_annotation(self, payload: dict) -> dict:
+        """ANNOTATION_CREATED / UPDATED: frames the annotator changed become corrections."""
+        annotation = payload.get("annotation") or {}
+        task = payload.get("task") or {}
+        project = payload.get("project") or {}
+        if not task.get("id"):
+            raise TaskError("webhook payload has no task")
+        cfg = parse_label_config(project.get("label_config") or "")
+        state = self.held(int(task["id"]))
+        if state is None:
+            # The annotation that fired the webhook must not be mistaken for the initial regions.
+            base = dict(task)
+            base["annotations"] = [a for a in task.get("annotations") or [] if a.get("id") != annotation.get("id")]
+            if not self.annotation_results(base):
+                base["annotations"] = [annotation]
+            state = self.state_for(base, cfg)
+        if cfg.mode == "images":
+            corrections = self.image_edits(state, annotation.get("result") or [])
+        else:
+            corrections = self.video_box_edits(state, annotation.get("result") or [])
+        if not corrections:
+            return {"status": "no change"}
+        refined = {}
+        for (t, value), corr in corrections.items():
+            if corr.mask is None:
+                prior = state.masks()[t] == value
+                corr = Correction(mask=self.refiner().refine(state.frames[t], clicks=corr.clicks, box=corr.box,
+                                                             prior=prior, frame_id=("frame", state.task_id, t)))
+            refined[(t, value)] = corr
+        job = self.schedule_correction(state, refined)
+        return {"status": "re-propagating", "job": job, "frames": sorted({t + 1 for t, _ in refined})}
+
+    def image_edits(self, state: TaskState, results: list[dict], min_iou: float = 0.97) -> dict[tuple[int, int], Correction]:
+        """Brush masks that differ from the predicted mask of their object on that item."""
+        h, w = state.frames[0].shape[:2]
+        masks = state.masks()
+        out = {}
+        for p in convert.image_prompts(results, state.cfg, [(w, h)] * len(state.frames)):
+            if p.mask is None:
+                continue
+            candidates = [v for v, text in state.objects if text == p.label] or [v for v, _ in state.objects]
+            ious = []
+            for v in candidates:
+                pred = masks[p.frame] == v
+                union = (pred | p.mask).sum()
+                ious.append((pred & p.mask).sum() / union if union else 1.0)
+            best = int(np.argmax(ious))
+            if ious[best] < min_iou:
+                out[(p.frame, candidates[best])] = Correction(mask=p.mask)
+        return out
