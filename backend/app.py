@@ -19,10 +19,8 @@ from lazyxmem_core import __version__
 from lazyxmem_core.engines import propagator_name, refiner_name
 from lazyxmem_core.errors import LazyXMemError
 
-from .convert import TaskError
-from .fetch import FetchError
 from . import export
-from .labelconfig import parse_label_config
+from .labelconfig import ConfigError, parse_label_config
 from .model import BackendSettings, LazyXMemModel
 
 
@@ -58,6 +56,7 @@ def _check_auth(user: str, password: str) -> bool:
 def create_app(settings: BackendSettings | None = None) -> Flask:
     app = Flask(__name__)
     model = LazyXMemModel(settings or BackendSettings.from_env())
+    app.config["model"] = model
     settings = model.settings.engine
     auth_user, auth_pass = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
     started = time.time()
@@ -120,7 +119,8 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
     def client_error(exc: Exception) -> Any:
         counters["errors"] += 1
         log.warning("%s %s: %s", request.path, _task_ids(), exc)
-        return jsonify(error=str(exc)), 422 if isinstance(exc, (TaskError, FetchError)) else 400
+        # A config we cannot serve is a bad request; a task whose content we cannot use is 422.
+        return jsonify(error=str(exc)), 400 if isinstance(exc, ConfigError) else 422
 
     @app.post("/predict")
     def predict() -> Any:

@@ -1,0 +1,309 @@
+"""The ML backend through its HTTP API (Flask test client), with a local stand-in for Label Studio
+that serves task media (token required) and records the predictions posted back."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import mask2rle
+
+from backend.app import create_app
+from backend.convert import decode_brush, frame_ranges, keyframes
+from backend.model import BackendSettings
+from lazyxmem_core.engines import EngineSettings
+from lazyxmem_core.lazy import LazyConfig
+from synthetic import make_video
+
+TOKEN = "t" * 40
+VIDEO_CFG = Path("backend/configs/video.xml").read_text()
+IMAGES_CFG = Path("backend/configs/image_sequence.xml").read_text()
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"ann:pw").decode()}
+H, W, N = 72, 96, 14
+
+
+class FakeLabelStudio(BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    posted: list[dict] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path.startswith("/redirect"):
+            self.send_response(302)
+            self.send_header("Location", "http://example.invalid/x.avi")
+            self.end_headers()
+            return
+        if self.headers.get("Authorization") != f"Token {TOKEN}":
+            self.send_response(401)
+            self.end_headers()
+            return
+        body = self.files.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def do_POST(self):
+        data = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        self.posted.append({"path": self.path, "json": data})
+        out = json.dumps({"id": len(self.posted), **data}).encode()
+        self.send_response(201)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+
+@pytest.fixture(scope="module")
+def fake_ls():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeLabelStudio)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    video = make_video(n_frames=N, size=(H, W), radius=12, distractor=True, appearance_change_at=9, seed=5)
+    buf = Path(__import__("tempfile").mkdtemp()) / "v.avi"
+    w = cv2.VideoWriter(str(buf), cv2.VideoWriter_fourcc(*"MJPG"), 10, (W, H))
+    for f in video.frames:
+        w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    w.release()
+    FakeLabelStudio.files["/data/upload/1/v.avi"] = buf.read_bytes()
+    FakeLabelStudio.files["/data/upload/1/broken.mp4"] = b"\x00garbage" * 50
+    for i, f in enumerate(video.frames):
+        ok, png = cv2.imencode(".png", cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+        FakeLabelStudio.files[f"/data/upload/1/f{i}.png"] = png.tobytes()
+    yield f"http://127.0.0.1:{server.server_address[1]}", video
+    server.shutdown()
+
+
+@pytest.fixture
+def client(fake_ls, tmp_path, monkeypatch):
+    url, _ = fake_ls
+    monkeypatch.setenv("BASIC_AUTH_USER", "ann")
+    monkeypatch.setenv("BASIC_AUTH_PASS", "pw")
+    settings = BackendSettings(ls_url=url, api_key=TOKEN, cache_dir=str(tmp_path / "cache"),
+                               engine=EngineSettings(engine="embedded", refiner="embedded"),
+                               lazy=LazyConfig(detect_loss=True))
+    FakeLabelStudio.posted.clear()
+    app = create_app(settings)
+    c = app.test_client()
+    c.model = app.config["model"]
+    return c
+
+
+def video_task(video, task_id=1, url="/data/upload/1/v.avi", box=None):
+    ys, xs = np.nonzero(video.masks[0] == 1)
+    x, y = 100 * xs.min() / W, 100 * ys.min() / H
+    bw, bh = 100 * (xs.max() + 1 - xs.min()) / W, 100 * (ys.max() + 1 - ys.min()) / H
+    kf = box or {"frame": 1, "x": x, "y": y, "width": bw, "height": bh, "rotation": 0, "enabled": True}
+    region = {"id": "r1", "from_name": "box", "to_name": "video", "type": "videorectangle",
+              "value": {"sequence": [kf], "labels": ["Object"]}}
+    return {"id": task_id, "data": {"video": url}, "annotations": [{"id": 10 * task_id, "result": [region]}]}
+
+
+def images_task(video, task_id=2):
+    region = {"id": "m1", "from_name": "mask", "to_name": "frames", "type": "brushlabels", "item_index": 0,
+              "original_width": W, "original_height": H,
+              "value": {"format": "rle", "rle": mask2rle((video.masks[0] == 1).astype(np.uint8) * 255),
+                        "brushlabels": ["Object"]}}
+    return {"id": task_id, "data": {"frames": [f"/data/upload/1/f{i}.png" for i in range(N)]},
+            "annotations": [{"id": 20, "result": [region]}]}
+
+
+def predict(client, tasks, config, context=None):
+    return client.post("/predict", headers=AUTH, json={"tasks": tasks, "label_config": config, "project": "3.1",
+                                                       "params": {"context": context}})
+
+
+def wait_jobs(client, timeout=60):
+    end = time.time() + timeout
+    while time.time() < end:
+        if all(j["status"] in ("finished", "failed") for j in client.model.jobs.jobs.values()):
+            return list(client.model.jobs.jobs.values())
+        time.sleep(0.05)
+    raise AssertionError("jobs did not finish")
+
+
+def test_video_prediction_tracks_every_frame_with_review_spans_and_score(client, fake_ls):
+    _, video = fake_ls
+    r = predict(client, [video_task(video)], VIDEO_CFG)
+    assert r.status_code == 200, r.json
+    pred = r.json["results"][0]
+    tracks = [x for x in pred["result"] if x["type"] == "videorectangle"]
+    assert len(tracks) == 1 and tracks[0]["value"]["labels"] == ["Object"]
+    seq = tracks[0]["value"]["sequence"]
+    assert seq[0]["frame"] == 1 and all(k["rotation"] == 0 for k in seq)
+    assert seq[-1]["frame"] == N or seq[-1]["enabled"] is False
+    assert 0.0 <= pred["score"] <= 1.0 and pred["model_version"].startswith("lazyxmem-")
+    state = client.model.held(1)
+    boxes = [mk for mk in state.masks()]
+    assert all((m == 1).any() for m in boxes)
+    spans = [x for x in pred["result"] if x["type"] == "timelinelabels"]
+    review = state.session.review_frames
+    if review:
+        assert any(x["value"]["timelinelabels"] == ["Needs review"] for x in spans)
+    assert pred["review_frames"] == [t + 1 for t in review]
+
+
+def test_image_sequence_prediction_gives_brush_masks_per_item(client, fake_ls):
+    _, video = fake_ls
+    r = predict(client, [images_task(video)], IMAGES_CFG)
+    assert r.status_code == 200, r.json
+    result = r.json["results"][0]["result"]
+    brushes = {x["item_index"]: x for x in result if x["type"] == "brushlabels"}
+    assert sorted(brushes) == list(range(N))
+    last = decode_brush(brushes[N - 1]["value"], W, H, "test")
+    gt = video.masks[N - 1] == 1
+    assert (last & gt).sum() / (last | gt).sum() > 0.5
+    for x in result:
+        if x["type"] == "choices":
+            assert "item_index" in x and x["value"]["choices"]
+
+
+def test_interactive_click_answers_now_and_posts_a_revised_prediction(client, fake_ls):
+    _, video = fake_ls
+    task = images_task(video)
+    assert predict(client, [task], IMAGES_CFG).status_code == 200
+    before = [m.copy() for m in client.model.held(2).masks()]
+    ys, xs = np.nonzero(video.masks[6] == 1)
+    click = {"from_name": "clicks", "to_name": "frames", "type": "keypointlabels", "item_index": 6,
+             "is_positive": True, "original_width": W, "original_height": H,
+             "value": {"x": 100 * xs.mean() / W, "y": 100 * ys.mean() / H, "width": 0.5, "keypointlabels": ["Object"]}}
+    t0 = time.perf_counter()
+    r = predict(client, [task], IMAGES_CFG, context={"result": [click]})
+    latency = time.perf_counter() - t0
+    assert r.status_code == 200, r.json
+    regions = r.json["results"][0]["result"]
+    assert regions and all(x["item_index"] == 6 and x["type"] == "brushlabels" for x in regions)
+    assert latency < 5.0
+    jobs = wait_jobs(client)
+    assert all(j["status"] == "finished" for j in jobs), jobs
+    posted = [p["json"] for p in FakeLabelStudio.posted if p["path"].startswith("/api/predictions")]
+    assert posted and posted[-1]["task"] == 2 and posted[-1]["model_version"].endswith("-r1")
+    assert client.model.held(2).session.records[6].objects[1].answered
+    assert all((a == b).all() for a, b in zip(before[:6], client.model.held(2).masks()[:6]))
+
+
+def test_annotation_update_reprapagates_from_the_changed_frame_and_never_touches_the_annotation(client, fake_ls):
+    _, video = fake_ls
+    task = images_task(video)
+    assert predict(client, [task], IMAGES_CFG).status_code == 200
+    before = [m.copy() for m in client.model.held(2).masks()]
+    fixed = np.zeros((H, W), bool)
+    fixed[5:25, 5:30] = True  # the annotator repaints the object on item 8
+    edited = {"id": "lazyxmem-1-8", "from_name": "mask", "to_name": "frames", "type": "brushlabels", "item_index": 8,
+              "original_width": W, "original_height": H,
+              "value": {"format": "rle", "rle": mask2rle(fixed.astype(np.uint8) * 255), "brushlabels": ["Object"]}}
+    payload = {"action": "ANNOTATION_UPDATED", "project": {"id": 3, "label_config": IMAGES_CFG},
+               "task": task, "annotation": {"id": 21, "task": 2, "result": [edited]}}
+    r = client.post("/webhook", headers=AUTH, json=payload)
+    assert r.status_code == 200 and r.json["frames"] == [9], r.json
+    wait_jobs(client)
+    after = client.model.held(2).masks()
+    assert (after[8].astype(bool) == fixed).all()
+    assert any((a != b).any() for a, b in zip(before[9:], after[9:]))  # later frames changed
+    assert all((a == b).all() for a, b in zip(before[:8], after[:8]))
+    posts = [p for p in FakeLabelStudio.posted if p["path"].startswith("/api/predictions")]
+    assert posts and not any(p["path"].startswith("/api/annotations") for p in FakeLabelStudio.posted)
+
+
+def test_long_video_goes_to_the_background_and_its_prediction_is_posted(client, fake_ls):
+    _, video = fake_ls
+    client.model.settings = BackendSettings(**{**client.model.settings.__dict__, "sync_budget_s": 0.0})
+    r = predict(client, [video_task(video, task_id=5)], VIDEO_CFG)
+    assert r.status_code == 200
+    res = r.json["results"][0]
+    assert res["model_version"].endswith("-pending") and res["result"] == []
+    job = client.get(f"/jobs/{res['job']}", headers=AUTH)
+    assert job.status_code == 200 and job.json["total"] == N
+    wait_jobs(client)
+    assert client.get(f"/jobs/{res['job']}", headers=AUTH).json["done"] == N
+    posted = [p["json"] for p in FakeLabelStudio.posted if p["path"].startswith("/api/predictions")]
+    assert posted[-1]["task"] == 5 and any(x["type"] == "videorectangle" for x in posted[-1]["result"])
+
+
+def test_masks_download_png_and_coco(client, fake_ls):
+    _, video = fake_ls
+    assert predict(client, [video_task(video)], VIDEO_CFG).status_code == 200
+    r = client.get("/tasks/1/masks?format=png", headers=AUTH)
+    assert r.status_code == 200
+    names = zipfile.ZipFile(io.BytesIO(r.data)).namelist()
+    assert len(names) == N and names[0] == "00001.png"
+    coco = client.get("/tasks/1/masks?format=coco", headers=AUTH).json
+    assert len(coco["images"]) == N and coco["categories"] == [{"id": 1, "name": "Object"}]
+    assert client.get("/tasks/999/masks", headers=AUTH).status_code == 404
+
+
+def test_sessions_are_bounded_and_rebuilt_after_eviction(client, fake_ls):
+    _, video = fake_ls
+    client.model.settings = BackendSettings(**{**client.model.settings.__dict__, "max_sessions": 1})
+    assert predict(client, [video_task(video, task_id=7)], VIDEO_CFG).status_code == 200
+    assert predict(client, [video_task(video, task_id=8)], VIDEO_CFG).status_code == 200
+    assert client.model.held(7) is None and client.model.held(8) is not None
+    kf = {"frame": 6, "x": 10.0, "y": 20.0, "width": 30.0, "height": 40.0, "rotation": 0, "enabled": True}
+    region = {"id": "lazyxmem-1", "from_name": "box", "to_name": "video", "type": "videorectangle",
+              "value": {"sequence": [kf], "labels": ["Object"]}}
+    payload = {"action": "ANNOTATION_UPDATED", "project": {"id": 3, "label_config": VIDEO_CFG},
+               "task": video_task(video, task_id=7), "annotation": {"id": 99, "result": [region]}}
+    r = client.post("/webhook", headers=AUTH, json=payload)
+    assert r.status_code == 200 and r.json["frames"] == [6]
+    wait_jobs(client)
+    assert client.model.held(7).revision == 1
+
+
+@pytest.mark.parametrize("case, status, message", [
+    ("malformed", 400, "JSON object"),
+    ("no_tasks", 400, "non-empty list"),
+    ("bad_config", 400, "VideoRectangle"),
+    ("outside", 422, "outside the frame"),
+    ("undecodable", 422, "cannot decode video"),
+    ("host", 422, "not allowed"),
+    ("redirect", 422, "not allowed"),
+    ("auth", 401, "basic auth"),
+    ("no_data", 422, "no data field"),
+])
+def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(client, fake_ls, case, status, message):
+    _, video = fake_ls
+    task, cfg, headers = video_task(video), VIDEO_CFG, AUTH
+    if case == "malformed":
+        r = client.post("/predict", headers={**AUTH, "Content-Type": "application/json"}, data="{tasks: [")
+    else:
+        body = None
+        if case == "no_tasks":
+            body = {"tasks": [], "label_config": cfg}
+        elif case == "bad_config":
+            cfg = '<View><Video name="v" value="$video"/></View>'
+        elif case == "outside":
+            task = video_task(video, box={"frame": 1, "x": 90, "y": 10, "width": 30, "height": 20, "enabled": True})
+        elif case == "undecodable":
+            task = video_task(video, url="/data/upload/1/broken.mp4")
+        elif case == "host":
+            task = video_task(video, url="http://10.1.2.3/v.avi")
+        elif case == "redirect":
+            task = video_task(video, url="/redirect")
+        elif case == "auth":
+            headers = {"Authorization": "Basic " + base64.b64encode(b"ann:wrong").decode()}
+        elif case == "no_data":
+            task = {"id": 1, "data": {"other": 1}, "annotations": []}
+        body = body or {"tasks": [task], "label_config": cfg, "params": {"context": None}}
+        r = client.post("/predict", headers=headers, json=body)
+    assert r.status_code == status
+    assert message in r.json["error"]
+    assert client.get("/health").status_code == 200
+
+
+def test_keyframe_reduction_and_ranges():
+    boxes = [(10 + t, 20.0, 5.0, 5.0) for t in range(10)] + [None, None] + [(50.0, 50.0, 5.0, 5.0)] * 3
+    kfs = keyframes(boxes, tolerance=0.5)
+    assert [k["frame"] for k in kfs] == [1, 10, 13, 15]  # linear motion needs only its ends
+    assert kfs[1]["enabled"] is False and kfs[0]["enabled"] and kfs[-1]["enabled"]
+    bent = [(float(t if t < 5 else 10 - t), 0.0, 1.0, 1.0) for t in range(11)]
+    assert [k["frame"] for k in keyframes(bent, 0.5)] == [1, 6, 11]
+    assert frame_ranges([3, 4, 5, 9]) == [{"start": 4, "end": 6}, {"start": 10, "end": 10}]
