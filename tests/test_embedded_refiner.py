@@ -1,0 +1,121 @@
+"""GrabCutRefiner on synthetic images: a textured disc on a differently textured background."""
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from lazyxmem_core.embedded.refiner import GrabCutRefiner
+from lazyxmem_core.protocols import Refiner
+from lazyxmem_core.types import Box, Click
+
+H, W = 180, 240
+CX, CY, R = 110, 90, 45
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+@pytest.fixture(scope="module")
+def scene() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    gt = np.zeros((H, W), np.uint8)
+    cv2.circle(gt, (CX, CY), R, 1, -1)
+    gt = gt.astype(bool)
+    noise = rng.normal(0, 18, (H, W, 3))
+    bg = np.array([60, 140, 70]) + noise  # green grass-like texture
+    fg = np.array([200, 90, 60]) + cv2.GaussianBlur(noise, (0, 0), 1.0) * 1.5  # reddish
+    img = np.where(gt[..., None], fg, bg)
+    return np.clip(img, 0, 255).astype(np.uint8), gt
+
+
+@pytest.fixture()
+def ref() -> GrabCutRefiner:
+    return GrabCutRefiner()
+
+
+def test_protocol(ref: GrabCutRefiner) -> None:
+    assert isinstance(ref, Refiner)
+
+
+def test_click_inside_finds_object(ref, scene) -> None:
+    img, gt = scene
+    m = ref.refine(img, [Click(CX + 5, CY - 8)])
+    assert m.shape == (H, W) and m.dtype == bool
+    assert iou(m, gt) > 0.8
+
+
+def test_positive_click_repairs_missing_part(ref, scene) -> None:
+    img, gt = scene
+    prior = gt.copy()
+    prior[:, CX + 10:] = False  # the right part of the disc is missing
+    m = ref.refine(img, [Click(CX + 30, CY)], prior=prior)
+    assert iou(m, gt) > iou(prior, gt) + 0.1
+    assert iou(m, gt) > 0.85
+
+
+def test_negative_click_removes_false_blob(ref, scene) -> None:
+    img, gt = scene
+    prior = gt.copy().astype(np.uint8)
+    cv2.circle(prior, (30, 30), 15, 1, -1)  # a false positive on the background
+    prior = prior.astype(bool)
+    m = ref.refine(img, [Click(30, 30, positive=False)], prior=prior)
+    assert not m[15:46, 15:46].any()
+    assert iou(m, gt) > 0.9
+
+
+def test_negative_click_inside_prior_trims(ref, scene) -> None:
+    img, gt = scene
+    prior = gt.copy().astype(np.uint8)
+    cv2.rectangle(prior, (CX + R - 5, CY - 12), (CX + R + 30, CY + 12), 1, -1)  # attached leak
+    prior = prior.astype(bool)
+    m = ref.refine(img, [Click(CX + R + 18, CY, positive=False)], prior=prior)
+    assert not m[CY - 8:CY + 9, CX + R + 8:CX + R + 28].any()
+    assert iou(m, gt) > iou(prior, gt)
+
+
+def test_box_only(ref, scene) -> None:
+    img, gt = scene
+    m = ref.refine(img, box=Box(CX - R - 8, CY - R - 8, CX + R + 8, CY + R + 8))
+    assert iou(m, gt) > 0.8
+
+
+def test_no_prompt_returns_prior_and_frame_cache(ref, scene) -> None:
+    img, gt = scene
+    assert np.array_equal(ref.refine(img, prior=gt), gt)
+    ref.refine(img, [Click(CX, CY)], frame_id=7)
+    ref.refine(img, [Click(CX + 3, CY)], frame_id=7)
+    ref.refine(img.copy(), [Click(CX, CY + 3)])  # content key: one more conversion
+    ref.refine(img.copy(), [Click(CX, CY + 4)])
+    assert ref._cache.misses == 2
+
+
+def test_bad_inputs(ref, scene) -> None:
+    img, gt = scene
+    with pytest.raises(ValueError, match="outside"):
+        ref.refine(img, [Click(W, 10)])
+    with pytest.raises(ValueError, match="outside"):
+        ref.refine(img, [Click(-1, 10)])
+    with pytest.raises(ValueError, match="prior mask has shape"):
+        ref.refine(img, [Click(10, 10)], prior=np.zeros((H + 1, W), bool))
+    with pytest.raises(ValueError, match="does not overlap"):
+        ref.refine(img, box=Box(W + 5, 0, W + 50, 20))
+    with pytest.raises(ValueError, match="positive click, a box"):
+        ref.refine(img, [Click(10, 10, positive=False)])
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        ref.refine(img[..., 0], [Click(10, 10)])
+
+
+def test_speed_854x480() -> None:
+    rng = np.random.default_rng(1)
+    img = cv2.GaussianBlur(rng.integers(0, 256, (480, 854, 3), dtype=np.uint8), (0, 0), 2)
+    prior = np.zeros((480, 854), np.uint8)
+    cv2.ellipse(prior, (400, 250), (120, 90), 0, 0, 360, 1, -1)
+    ref = GrabCutRefiner()
+    ref.refine(img, [Click(400, 250)], prior=prior.astype(bool), frame_id=0)
+    t = time.perf_counter()
+    ref.refine(img, [Click(410, 250)], prior=prior.astype(bool), frame_id=0)
+    assert time.perf_counter() - t < 1.0  # target 0.15 s; loose bound for shared CI machines
