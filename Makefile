@@ -6,8 +6,14 @@ PORT ?= 9090
 WORKERS ?= 1
 THREADS ?= 4
 STAMP := $(VENV)/.installed
+# Label Studio itself (for the end-to-end tests) lives in its own venv: its pins clash with ours.
+LS_VERSION ?= 1.23.2
+LS_VENV ?= .venv-ls
+LS_STAMP := $(LS_VENV)/.installed-$(LS_VERSION)
+# Debian packages the e2e tests need: a browser for Playwright and ffmpeg for H.264 test videos.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install bench clean
+.PHONY: run test install install-e2e sysdeps bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,16 +22,36 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+$(LS_STAMP):
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LS_VENV)/bin/python -m pip install --quiet label-studio==$(LS_VERSION)
+	touch $(LS_STAMP)
+
+# Installs only what is missing, so it costs nothing once done. Never `playwright install`:
+# the tests drive Debian's /usr/bin/chromium.
+sysdeps:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium fonts-liberation"; \
+	command -v ffmpeg >/dev/null 2>&1 || missing="$$missing ffmpeg"; \
+	if [ -n "$$missing" ]; then \
+		echo "apt-get install:$$missing"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
 install: $(STAMP)
+
+install-e2e: $(STAMP) $(LS_STAMP) sysdeps
 
 run: $(STAMP)
 	$(VENV)/bin/gunicorn --bind 0.0.0.0:$(PORT) --workers $(WORKERS) --threads $(THREADS) --timeout 0 backend.wsgi:app
 
-test: $(STAMP)
+test: $(STAMP) $(LS_STAMP) sysdeps
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) bench/embedded_quality.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LS_VENV) .pytest_cache

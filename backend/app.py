@@ -66,7 +66,9 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
     @app.before_request
     def authenticate() -> Any:
         counters["requests"] += 1
-        if auth_user and request.path not in ("/health", "/"):
+        # Label Studio sends no credentials with webhooks (its webhook has no auth headers), and
+        # /health must answer its 1 s probe: these two stay open; everything else needs basic auth.
+        if auth_user and request.path not in ("/health", "/", "/webhook"):
             if not _check_auth(auth_user, auth_pass or ""):
                 return jsonify(error="authentication required: wrong or missing basic auth credentials"), 401, {
                     "WWW-Authenticate": 'Basic realm="lazyxmem"'}

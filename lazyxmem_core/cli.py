@@ -163,7 +163,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
                        save_masks=not a.no_masks)
     print((Path(a.out) / "table.md").read_text())
     print(f"J&F {100 * summary['J&F']:.1f}, N_oI {summary['N_oI']}, rate {summary['interaction_rate']:.2f} %, "
-          f"{summary['fps']:.1f} fps, Lazy layer {100 * summary['lazy_overhead']:.1f} % of propagation time")
+          f"{summary['fps']:.1f} fps, Lazy layer {100 * summary['lazy_overhead']:.1f} % of propagation time, "
+          f"Spearman(S, 1-IoU) {summary['spearman_S_error']:.3f}")
     return 0
 
 

@@ -163,13 +163,16 @@ def random_schedule(seq_len: int, start: int, labels: Sequence[int], count: int,
 
 def every_k_schedule(seq_len: int, start: int, labels: Sequence[int], count: int | None = None,
                      k: int | None = None) -> dict[int, list[int]]:
-    """Every-k: a request for every object every k frames; with ``count``, k spreads that budget."""
-    if k is None:
-        per_object = max(1, round((count or 0) / max(1, len(labels))))
-        if not count:
-            return {}
-        k = max(1, (seq_len - start) // (per_object + 1))
-    return {t: list(labels) for t in range(start + k, seq_len, k)}
+    """Every-k: a request for every object every k frames; with ``count`` (and no k), that budget
+    spread evenly over the video."""
+    if k is not None:
+        return {t: list(labels) for t in range(start + k, seq_len, k)}
+    per_object = round((count or 0) / max(1, len(labels)))
+    if per_object <= 0:
+        return {}
+    step = (seq_len - start) / (per_object + 1)
+    frames = sorted({min(seq_len - 1, start + max(1, round(step * i))) for i in range(1, per_object + 1)})
+    return {t: list(labels) for t in frames}
 
 
 def evaluate(
@@ -238,6 +241,8 @@ def summarise(results: list[SequenceResult], mode: str) -> dict:
     interactions = {(r.name, label): frames for r in results for label, frames in r.interactions.items()}
     object_frames = {(r.name, label): n for r in results for label, n in r.object_frames.items()}
     work = metrics.workload(interactions, object_frames)
+    pairs = [(rec.objects[label].S, 1.0 - iou[rec.index]) for r in results for rec in r.records if not rec.given
+             for label, iou in r.ious.items() if label in rec.objects and not np.isnan(iou[rec.index])]
     frames = sum(len(r.records) for r in results)
     seconds = sum(r.seconds for r in results)
     prop = sum(rec.seconds for r in results for rec in r.records)
@@ -250,6 +255,8 @@ def summarise(results: list[SequenceResult], mode: str) -> dict:
         "pseudo_corrections": sum(r.pseudo for r in results),
         "fps": frames / seconds if seconds else float("nan"),
         "lazy_overhead": lazy / prop if prop else float("nan"),
+        # How well uncertainty predicts failure (the paper's measure): Spearman(S_c, 1 - IoU) per object-frame.
+        "spearman_S_error": spearman(pairs),
         "frames": frames,
         "sequences": {},
     }
@@ -263,6 +270,17 @@ def summarise(results: list[SequenceResult], mode: str) -> dict:
             "fps": len(r.records) / r.seconds if r.seconds else float("nan"),
         }
     return summary
+
+
+def spearman(pairs: list[tuple[float, float]]) -> float:
+    if len(pairs) < 3:
+        return float("nan")
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(pairs, dtype=np.float64).T
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
 
 
 def _fmt(v: float, pct: bool = True) -> str:
