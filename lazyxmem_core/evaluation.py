@@ -188,8 +188,13 @@ def evaluate(
     seed: int = 0,
     save_masks: bool = True,
     show_progress: bool = True,
+    budgets: dict[str, int] | None = None,
 ) -> dict:
-    """Evaluate every sequence of a DAVIS-layout folder and write the report files into ``out``."""
+    """Evaluate every sequence of a DAVIS-layout folder and write the report files into ``out``.
+
+    Rand-Lazy and every-k (without k) spend Lazy's number of user corrections per sequence: taken
+    from ``budgets`` {sequence: count} when given, else from a Lazy run made here first.
+    """
     from tqdm import tqdm
 
     if mode not in MODES:
@@ -209,9 +214,10 @@ def evaluate(
         forced = None
         if mode in ("rand-lazy", "every-k"):
             budget = None
-            if mode == "rand-lazy" or k is None:
-                lazy = run_sequence(seq, "lazy", settings, config, robot, correction)
-                budget = lazy.n_user
+            if budgets is not None and name in budgets:
+                budget = budgets[name]  # Lazy's count from a run the caller already made
+            elif mode == "rand-lazy" or k is None:
+                budget = run_sequence(seq, "lazy", settings, config, robot, correction).n_user
             forced = (random_schedule(len(seq.frames), start, seq.labels, budget or 0, seed)
                       if mode == "rand-lazy" else every_k_schedule(len(seq.frames), start, seq.labels, budget, k))
         with tqdm(total=len(seq.frames) - start, desc=f"{mode} {name}", unit="frame",

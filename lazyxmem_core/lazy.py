@@ -19,7 +19,7 @@ import numpy as np
 
 from .protocols import Propagator, Refiner
 from .types import Click, Correction, Decision, FrameRecord, ObjectRecord
-from .uncertainty import object_uncertainty
+from .uncertainty import argmax_channels, object_uncertainty
 
 log = logging.getLogger(__name__)
 
@@ -198,20 +198,18 @@ class LazySession:
                 f"on a {frame.shape[1]}x{frame.shape[0]} frame; expected ({len(labels) + 1}, {frame.shape[0]}, {frame.shape[1]})"
             )
         lut = np.asarray([0, *labels], dtype=np.uint16 if max(labels, default=0) > 255 else np.uint8)
-        output = lut[np.argmax(probs, axis=0)]
+        output = lut[argmax_channels(probs)]
         given_labels = set() if given is None else {int(v) for v in np.unique(given) if v != 0}
 
         objects: dict[int, ObjectRecord] = {}
         veto = False
-        want_click: dict[int, bool] = {}
         for k, label in enumerate(labels):
             mask = output == label
-            u = object_uncertainty(probs, mask, with_click=cfg.pseudo)
+            u = object_uncertainty(probs, mask)
             prev = self._prev_S.get(label)
             dS = None if prev is None else u.S - prev
             rec = ObjectRecord(label=label, area=u.area, S=u.S, dS=dS)
             objects[label] = rec
-            want_click[label] = u.click
             if cfg.udu and u.S > cfg.tau_m:
                 veto = True
             if label in given_labels:
@@ -223,7 +221,7 @@ class LazySession:
         pseudo_done = False
         for label, rec in objects.items():
             if rec.decision is Decision.PSEUDO:
-                click = want_click[label]
+                click = object_uncertainty(probs, output == label, with_click=True).click
                 if click is None:
                     rec.decision = Decision.NONE
                     continue
@@ -255,7 +253,10 @@ class LazySession:
         else:
             write = None
         t2 = time.perf_counter()
-        written = self.propagator.commit(mask=output, write=write)
+        corrected = pseudo_done or any(o.answered for o in objects.values())
+        # Without a correction the output is the propagator's own prediction: let it keep that
+        # (at its working resolution) rather than re-reading our upsampled argmax.
+        written = self.propagator.commit(mask=output if corrected else None, write=write)
         t3 = time.perf_counter()
 
         for label, rec in objects.items():

@@ -92,8 +92,8 @@ def first_mask():
 
 
 FRAMES = [np.zeros((H, W, 3), np.uint8) for _ in range(8)]
-#        t: 0    1    2     3 (dS .25)  4    5 (dS .6, S .95 > tau_m)  6    7 (dS .5 exactly)
-SCRIPT = [0.0, 0.1, 0.1, 0.35, 0.35, 0.95, 0.3, 0.8]
+#        t: 0    1    2     3 (dS .25)  4    5 (dS .6, S .95 > tau_m)  6    7 (dS .45)
+SCRIPT = [0.0, 0.1, 0.1, 0.35, 0.35, 0.95, 0.3, 0.75]
 
 
 def test_decisions_follow_the_thresholds_strictly():
@@ -102,12 +102,17 @@ def test_decisions_follow_the_thresholds_strictly():
     recs = s.run()
     assert [r.objects[1].decision for r in recs] == [
         Decision.NONE, Decision.NONE, Decision.NONE, Decision.PSEUDO, Decision.NONE,
-        Decision.USER, Decision.NONE, Decision.PSEUDO]  # frame 7: dS = 0.5 is not > tau_u
+        Decision.USER, Decision.NONE, Decision.PSEUDO]
     assert recs[5].review and s.review_frames == [5]
     assert recs[0].objects[1].dS is None and recs[1].objects[1].dS is None  # no dS right after a given mask
     assert recs[2].objects[1].dS == pytest.approx(0.0, abs=1e-6)
     assert recs[3].objects[1].S == pytest.approx(0.35, abs=1e-5)
     assert recs[3].objects[1].dS == pytest.approx(0.25, abs=1e-5)
+    # strict inequalities: a threshold exactly at the measured value does not fire
+    d5, d3 = recs[5].objects[1].dS, recs[3].objects[1].dS
+    recs = LazySession(ScriptedPropagator(SCRIPT), FRAMES, {0: first_mask()}, refiner=RecordingRefiner(),
+                       config=LazyConfig(tau_u=d5, tau_p=d3)).run()
+    assert recs[5].objects[1].decision is Decision.PSEUDO and recs[3].objects[1].decision is Decision.NONE
 
 
 def test_pseudo_click_goes_to_the_refiner_and_replaces_the_mask_without_a_memory_write():
@@ -120,7 +125,8 @@ def test_pseudo_click_goes_to_the_refiner_and_replaces_the_mask_without_a_memory
     assert recs[3].mask[11, 16] == 0 and recs[3].mask[15, 20] == 1  # the refined (smaller) square
     commit = {t: w for t, w, _ in prop.commits}
     assert commit[3] is False and not recs[3].written  # pseudo-corrected frames stay out of memory
-    assert (prop.commits[3][2] == recs[3].mask).all()  # the propagator is told the final mask
+    assert (prop.commits[3][2] == recs[3].mask).all()  # the propagator is told the corrected mask
+    assert prop.commits[2][2] is None  # ... and keeps its own prediction elsewhere
 
 
 def test_udu_veto_and_pseudo_idu_switch():

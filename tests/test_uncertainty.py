@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from lazyxmem_core.uncertainty import (
-    circular_kernel, dilation_size, interior_point, masked_entropy, normalised_entropy,
-    object_uncertainty, pseudo_click, uncertainty_region,
+    dilation_radius, dilation_size, interior_point, masked_entropy, normalised_entropy,
+    argmax_channels, object_uncertainty, pseudo_click, uncertainty_region,
 )
 
 
@@ -24,9 +24,18 @@ def test_dilation_rule():
     assert dilation_size(0) == 2 and dilation_size(79) == 2
     assert dilation_size(180) == 4  # int(sqrt(9)) = 3 -> even 4
     assert dilation_size(20000) == 32  # sqrt(1000) = 31.6 -> 31 -> 32
-    assert not circular_kernel(2).any()  # smallest objects: no dilation
-    k = circular_kernel(8)
-    assert k.shape == (8, 8) and k[0, 0] == 0 and k[3, 0] == 0 and k[3, 1] == 1 and (k == k.T).all()
+    assert dilation_radius(50) == 0.5  # smallest objects: no dilation
+    tiny = np.zeros((20, 20), bool)
+    tiny[8:12, 8:12] = True
+    assert (uncertainty_region(tiny) == tiny).all()
+    square = np.zeros((40, 40), bool)
+    square[10:30, 10:30] = True  # 400 px -> size 4 -> radius 1.5: the 8-neighbourhood
+    region = uncertainty_region(square)
+    assert region[9, 9] and region[9, 20] and not region[8, 20] and region.sum() == 22 * 22
+    big = np.zeros((200, 200), bool)
+    big[60:140, 60:140] = True  # 6400 px -> size 18 -> radius 8.5: rounded corners
+    r = uncertainty_region(big)
+    assert r[60, 52] and not r[60, 51] and not r[52, 52] and r[54, 54]
 
 
 def test_masked_entropy_counts_the_dilated_ring_but_divides_by_the_mask():
@@ -66,3 +75,11 @@ def test_pseudo_click_is_deep_inside_and_prefers_confident_pixels():
     edge = np.zeros((20, 20), bool)
     edge[:, :6] = True  # touching the image border: the border counts as boundary
     assert interior_point(edge)[0] in (2, 3)
+
+
+def test_argmax_channels_matches_numpy_including_ties():
+    rng = np.random.default_rng(1)
+    for n in (2, 3, 6):
+        p = rng.random((n, 30, 40)).astype(np.float32)
+        p[:, :5] = 0.5  # ties: the first channel wins, as in np.argmax
+        assert (argmax_channels(p) == np.argmax(p, axis=0)).all()
