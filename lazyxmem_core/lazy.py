@@ -117,6 +117,7 @@ class LazySession:
         self._prev_area: dict[int, int] = {}
         self._last_user: dict[int, int] = {}
         self._n_user = 0
+        self._reference: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # label -> (frame, mask) a human gave
         self._next = self.start
         if self.config.pseudo and self.refiner is None:
             raise ValueError("pseudo-corrections need a refiner: pass one, or disable pseudo in LazyConfig")
@@ -200,6 +201,8 @@ class LazySession:
         lut = np.asarray([0, *labels], dtype=np.uint16 if max(labels, default=0) > 255 else np.uint8)
         output = lut[argmax_channels(probs)]
         given_labels = set() if given is None else {int(v) for v in np.unique(given) if v != 0}
+        for label in given_labels:
+            self._reference[label] = (frame, given == label)
 
         objects: dict[int, ObjectRecord] = {}
         veto = False
@@ -226,7 +229,7 @@ class LazySession:
                     rec.decision = Decision.NONE
                     continue
                 rec.clicks = [Click(float(click[0]), float(click[1]), True)]
-                refined = self._refine(t, frame, rec.clicks, None, output == label)
+                refined = self._refine(t, frame, rec.clicks, None, output == label, label)
                 _replace_object(output, label, refined)
                 pseudo_done = True
             elif rec.decision is Decision.USER:
@@ -236,10 +239,11 @@ class LazySession:
                 rec.answered = True
                 rec.clicks = list(corr.clicks)
                 rec.box = corr.box
-                refined = corr.mask if corr.mask is not None else self._refine(t, frame, corr.clicks, corr.box, output == label)
+                refined = corr.mask if corr.mask is not None else self._refine(t, frame, corr.clicks, corr.box, output == label, label)
                 if refined.shape != output.shape:
                     raise ValueError(f"correction mask for object {label} on frame {t} is {refined.shape[::-1]}, the frame is {output.shape[::-1]}")
                 _replace_object(output, label, refined.astype(bool))
+                self._reference[label] = (frame, output == label)
                 user_written = user_written or cfg.idu
 
         if given is not None:
@@ -313,25 +317,28 @@ class LazySession:
             self._replay.corrections[(t, label)] = corr
         return corr
 
-    def _refine(self, t: int, frame: np.ndarray, clicks: Sequence[Click], box: Any, prior: np.ndarray) -> np.ndarray:
+    def _refine(self, t: int, frame: np.ndarray, clicks: Sequence[Click], box: Any, prior: np.ndarray,
+                label: int) -> np.ndarray:
         if self.refiner is None:
             raise ValueError("click and box corrections need a refiner; give a mask instead, or configure a refiner")
-        mask = self.refiner.refine(frame, clicks=clicks, box=box, prior=prior, frame_id=t)
+        mask = self.refiner.refine(frame, clicks=clicks, box=box, prior=prior, frame_id=t,
+                                   reference=self._reference.get(label))
         return np.asarray(mask, dtype=bool)
 
     # -- state kept for deferred corrections -------------------------------------------------
     def _controller_state(self) -> dict[str, Any]:
         return {"prev_S": dict(self._prev_S), "prev_area": dict(self._prev_area),
-                "last_user": dict(self._last_user), "n_user": self._n_user}
+                "last_user": dict(self._last_user), "n_user": self._n_user, "reference": dict(self._reference)}
 
     def _restore_controller(self, state: dict[str, Any]) -> None:
         self._prev_S = dict(state["prev_S"])
         self._prev_area = dict(state["prev_area"])
         self._last_user = dict(state["last_user"])
         self._n_user = state["n_user"]
+        self._reference = dict(state["reference"])
 
     def _reset_controller(self) -> None:
-        self._restore_controller({"prev_S": {}, "prev_area": {}, "last_user": {}, "n_user": 0})
+        self._restore_controller({"prev_S": {}, "prev_area": {}, "last_user": {}, "n_user": 0, "reference": {}})
 
     def _periodic(self, t: int) -> bool:
         return t == self.start or (t - self.start) % max(1, self.config.snapshot_every) == 0

@@ -73,11 +73,14 @@ class Refiner(Protocol):
         box: Box | None = None,
         prior: np.ndarray | None = None,
         frame_id: Hashable | None = None,
+        reference: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Return a bool (H, W) mask for one object.
 
         clicks: positive / negative points in pixels; box: optional box prompt; prior: optional
         bool (H, W) mask (the propagated mask), context the refiner may use. frame_id keys the
         per-frame feature cache so several calls on one frame cost one image encode; None means
-        the refiner derives a key from the frame's content.
+        the refiner derives a key from the frame's content. reference: optional (frame, bool mask)
+        of the same object on an earlier frame that a human gave or confirmed (its appearance and
+        size); refiners may ignore it (SAM does).
         """

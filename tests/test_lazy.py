@@ -78,7 +78,7 @@ class RecordingRefiner:
     def __init__(self) -> None:
         self.calls = []
 
-    def refine(self, frame, clicks=(), box=None, prior=None, frame_id=None):
+    def refine(self, frame, clicks=(), box=None, prior=None, frame_id=None, reference=None):
         self.calls.append((frame_id, tuple(clicks), box))
         out = np.zeros(frame.shape[:2], bool)
         out[12:28, 17:33] = True  # a smaller square: visibly different from the prediction

@@ -70,6 +70,7 @@ class GrabCutRefiner:
         box: Box | None = None,
         prior: np.ndarray | None = None,
         frame_id: Hashable | None = None,
+        reference: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Bool (H, W) mask of the object the prompts point at; see the module docstring."""
         clicks, box, prior = check_prompts(frame, clicks, box, prior)

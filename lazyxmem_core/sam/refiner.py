@@ -207,6 +207,7 @@ class SamRefiner:
         box: Box | None = None,
         prior: np.ndarray | None = None,
         frame_id: Hashable | None = None,
+        reference: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Bool (H, W) mask from SAM; see the module docstring for how prompts are combined."""
         clicks, box, prior = check_prompts(frame, clicks, box, prior)
