@@ -349,14 +349,8 @@ class LazyXMemModel:
         corrections = self.corrections_from(state, context_results)
         if not corrections:
             return {"result": [], "model_version": self.model_version}
-        refined = {}
-        for (t, value), corr in corrections.items():
-            mask = corr.mask
-            if mask is None:
-                prior = state.masks()[t] == value
-                mask = self.refiner().refine(state.frames[t], clicks=corr.clicks, box=corr.box, prior=prior,
-                                             frame_id=("frame", state.task_id, t))
-            refined[(t, value)] = Correction(mask=np.asarray(mask, bool))
+        refined = {(t, value): Correction(mask=self.correction_mask(state, t, value, corr))
+                   for (t, value), corr in corrections.items()}
         self.schedule_correction(state, refined)
         result = []
         for (t, value), corr in refined.items():
@@ -374,6 +368,25 @@ class LazyXMemModel:
                                    "type": "videorectangle",
                                    "value": {"framesCount": len(state.frames), "labels": [text], "sequence": [kf]}})
         return {"result": result, "model_version": self.model_version}
+
+    def correction_mask(self, state: TaskState, t: int, value: int, corr: Correction) -> np.ndarray:
+        """The mask a correction sets for object ``value`` on frame ``t``; clicks and boxes go through the refiner.
+
+        The predicted mask is the refiner's prior, but with a box only its part inside the box: the
+        annotator's box says where the object is, and a prediction elsewhere (the mistake being
+        corrected) must not pull the refined mask back to it.
+        """
+        if corr.mask is not None:
+            return np.asarray(corr.mask, bool)
+        prior = state.masks()[t] == value
+        if corr.box is not None:
+            inside = np.zeros_like(prior)
+            b = corr.box
+            inside[int(b.y0):int(np.ceil(b.y1)), int(b.x0):int(np.ceil(b.x1))] = True
+            prior &= inside
+        mask = self.refiner().refine(state.frames[t], clicks=corr.clicks, box=corr.box, prior=prior,
+                                     frame_id=("frame", state.task_id, t))
+        return np.asarray(mask, bool)
 
     def corrections_from(self, state: TaskState, results: list[dict]) -> dict[tuple[int, int], Correction]:
         """Interactive context regions -> corrections {(frame, object): Correction}."""
@@ -462,13 +475,8 @@ class LazyXMemModel:
             corrections = self.video_box_edits(state, annotation.get("result") or [])
         if not corrections:
             return {"status": "no change"}
-        refined = {}
-        for (t, value), corr in corrections.items():
-            if corr.mask is None:
-                prior = state.masks()[t] == value
-                corr = Correction(mask=self.refiner().refine(state.frames[t], clicks=corr.clicks, box=corr.box,
-                                                             prior=prior, frame_id=("frame", state.task_id, t)))
-            refined[(t, value)] = corr
+        refined = {(t, value): Correction(mask=self.correction_mask(state, t, value, corr))
+                   for (t, value), corr in corrections.items()}
         job = self.schedule_correction(state, refined)
         return {"status": "re-propagating", "job": job, "frames": sorted({t + 1 for t, _ in refined})}
 

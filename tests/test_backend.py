@@ -76,9 +76,12 @@ def fake_ls():
     w.release()
     FakeLabelStudio.files["/data/upload/1/v.avi"] = buf.read_bytes()
     FakeLabelStudio.files["/data/upload/1/broken.mp4"] = b"\x00garbage" * 50
-    for i, f in enumerate(video.frames):
+    # The image sequence is the same scene without the distractor: its masks are checked for quality.
+    clean = make_video(n_frames=N, size=(H, W), radius=12, seed=5)
+    for i, f in enumerate(clean.frames):
         ok, png = cv2.imencode(".png", cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
         FakeLabelStudio.files[f"/data/upload/1/f{i}.png"] = png.tobytes()
+    video.clean = clean
     yield f"http://127.0.0.1:{server.server_address[1]}", video
     server.shutdown()
 
@@ -109,6 +112,7 @@ def video_task(video, task_id=1, url="/data/upload/1/v.avi", box=None):
 
 
 def images_task(video, task_id=2):
+    video = video.clean
     region = {"id": "m1", "from_name": "mask", "to_name": "frames", "type": "brushlabels", "item_index": 0,
               "original_width": W, "original_height": H,
               "value": {"format": "rle", "rle": mask2rle((video.masks[0] == 1).astype(np.uint8) * 255),
@@ -160,7 +164,7 @@ def test_image_sequence_prediction_gives_brush_masks_per_item(client, fake_ls):
     brushes = {x["item_index"]: x for x in result if x["type"] == "brushlabels"}
     assert sorted(brushes) == list(range(N))
     last = decode_brush(brushes[N - 1]["value"], W, H, "test")
-    gt = video.masks[N - 1] == 1
+    gt = video.clean.masks[N - 1] == 1
     assert (last & gt).sum() / (last | gt).sum() > 0.5
     for x in result:
         if x["type"] == "choices":
@@ -172,7 +176,7 @@ def test_interactive_click_answers_now_and_posts_a_revised_prediction(client, fa
     task = images_task(video)
     assert predict(client, [task], IMAGES_CFG).status_code == 200
     before = [m.copy() for m in client.model.held(2).masks()]
-    ys, xs = np.nonzero(video.masks[6] == 1)
+    ys, xs = np.nonzero(video.clean.masks[6] == 1)
     click = {"from_name": "clicks", "to_name": "frames", "type": "keypointlabels", "item_index": 6,
              "is_positive": True, "original_width": W, "original_height": H,
              "value": {"x": 100 * xs.mean() / W, "y": 100 * ys.mean() / H, "width": 0.5, "keypointlabels": ["Object"]}}

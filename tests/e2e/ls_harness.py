@@ -237,6 +237,7 @@ def start_backend(ls: LabelStudio, base: Path, extra_env: dict[str, str] | None 
         "LAZYXMEM_ENGINE": "embedded",
         "LOG_LEVEL": "DEBUG",
         "MODEL_DIR": str(base / "model-dir"),
+        "CACHE_DIR": str(base / f"media-cache-{port}"),
         "OMP_NUM_THREADS": "1",
         **(extra_env or {}),
     }
