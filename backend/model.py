@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from lazyxmem_core import __version__
-from lazyxmem_core.engines import EngineSettings, build_propagator, build_refiner, propagator_name
+from lazyxmem_core.engines import EngineSettings, build_propagator, build_refiner, lazy_config, propagator_name
 from lazyxmem_core.errors import LazyXMemError
 from lazyxmem_core.lazy import LazyConfig, LazySession
 from lazyxmem_core.media import ArrayFrames, FrameSequence, VideoFrames
@@ -53,11 +53,14 @@ class BackendSettings:
     max_sessions: int = 8
     sync_budget_s: float = 60.0  # propagate inside /predict only when it should end within this
     engine: EngineSettings = field(default_factory=EngineSettings)
-    lazy: LazyConfig = field(default_factory=LazyConfig)
+    lazy: LazyConfig | None = None  # None: the engine's thresholds, object-loss detection on
 
     @classmethod
     def from_env(cls) -> BackendSettings:
-        d = LazyConfig()
+        def opt(name: str) -> float | None:
+            return _env_float(name, 0.0) if os.environ.get(name) else None
+
+        engine = EngineSettings.from_env()
         return cls(
             ls_url=os.environ.get("LABEL_STUDIO_URL") or None,
             api_key=os.environ.get("LABEL_STUDIO_API_KEY") or None,
@@ -67,11 +70,10 @@ class BackendSettings:
             max_frames=int(_env_float("MAX_FRAMES", cls.max_frames)),
             max_sessions=int(_env_float("MAX_SESSIONS", cls.max_sessions)),
             sync_budget_s=_env_float("SYNC_BUDGET_S", cls.sync_budget_s),
-            engine=EngineSettings.from_env(),
-            lazy=LazyConfig(tau_u=_env_float("TAU_U", d.tau_u), tau_p=_env_float("TAU_P", d.tau_p),
-                            tau_m=_env_float("TAU_M", d.tau_m),
-                            user_budget=int(os.environ["REVIEW_BUDGET"]) if os.environ.get("REVIEW_BUDGET") else None,
-                            detect_loss=os.environ.get("DETECT_LOSS", "true").lower() in ("1", "true", "yes")),
+            engine=engine,
+            lazy=lazy_config(engine, tau_u=opt("TAU_U"), tau_p=opt("TAU_P"), tau_m=opt("TAU_M"),
+                             user_budget=int(os.environ["REVIEW_BUDGET"]) if os.environ.get("REVIEW_BUDGET") else None,
+                             detect_loss=os.environ.get("DETECT_LOSS", "true").lower() in ("1", "true", "yes")),
         )
 
 
@@ -237,7 +239,7 @@ class LazyXMemModel:
             given.setdefault(p.frame, np.zeros((h, w), np.uint8))[mask] = value
             objects.append((value, p.label))
         session = LazySession(build_propagator(self.settings.engine), frames, given, refiner=self.refiner(),
-                              config=self.settings.lazy)
+                              config=self.settings.lazy or lazy_config(self.settings.engine, detect_loss=True))
         return TaskState(task_id, cfg, frames, objects, session, fps)
 
     # -- predictions ------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .engines import PROPAGATORS, REFINERS, EngineSettings, build_propagator, build_refiner, propagator_name, refiner_name
+from .engines import (PROPAGATORS, REFINERS, EngineSettings, build_propagator, build_refiner, lazy_config,
+                      propagator_name, refiner_name)
 from .errors import LazyXMemError, MediaError
 from .lazy import LazyConfig, LazySession
 from .media import FrameDir, check_mask, open_frames, read_index_mask, write_index_mask
@@ -43,22 +44,22 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _lazy_args(p: argparse.ArgumentParser) -> None:
-    d = LazyConfig()
-    p.add_argument("--tau-u", type=float, default=d.tau_u, help="dS above this asks the user (default %(default)s)")
-    p.add_argument("--tau-p", type=float, default=d.tau_p, help="dS above this pseudo-corrects (default %(default)s)")
-    p.add_argument("--tau-m", type=float, default=d.tau_m, help="S above this keeps a frame out of memory (default %(default)s)")
-    p.add_argument("--trigger", choices=("dS", "S"), default=d.trigger, help="what the thresholds compare")
+    p.add_argument("--tau-u", type=float, default=None, help="trigger above this asks the user (default: the engine's; XMem 0.5)")
+    p.add_argument("--tau-p", type=float, default=None, help="trigger above this pseudo-corrects (default: the engine's; XMem 0.2)")
+    p.add_argument("--tau-m", type=float, default=None, help="S above this keeps a frame out of memory (default: the engine's; XMem 0.8)")
+    p.add_argument("--trigger", choices=("dS", "S"), default="dS", help="what the thresholds compare")
     p.add_argument("--detect-loss", action="store_true", help="also ask the user when an object's area collapses")
     p.add_argument("--user-budget", type=int, default=None, help="at most this many review requests per video")
+    p.add_argument("--min-user-gap", type=int, default=None, help="frames between two requests for one object")
     for name in ("udu", "pseudo", "idu"):
         p.add_argument(f"--no-{name}", action="store_true", help=f"disable {name.upper()}")
     p.add_argument("--pseudo-idu", action="store_true", help="write pseudo-corrected frames to memory")
 
 
-def _lazy_config(a: argparse.Namespace) -> LazyConfig:
-    return LazyConfig(tau_u=a.tau_u, tau_p=a.tau_p, tau_m=a.tau_m, trigger=a.trigger, udu=not a.no_udu,
-                      pseudo=not a.no_pseudo, pseudo_idu=a.pseudo_idu, idu=not a.no_idu,
-                      detect_loss=a.detect_loss, user_budget=a.user_budget)
+def _lazy_config(a: argparse.Namespace, settings: EngineSettings) -> LazyConfig:
+    return lazy_config(settings, tau_u=a.tau_u, tau_p=a.tau_p, tau_m=a.tau_m, trigger=a.trigger, udu=not a.no_udu,
+                       pseudo=not a.no_pseudo, pseudo_idu=a.pseudo_idu, idu=not a.no_idu,
+                       detect_loss=a.detect_loss, user_budget=a.user_budget, min_user_gap=a.min_user_gap)
 
 
 def _settings(a: argparse.Namespace) -> EngineSettings:
@@ -91,7 +92,7 @@ def cmd_propagate(a: argparse.Namespace) -> int:
         raise MediaError("the initial mask is empty: it must contain at least one object (label > 0)")
 
     settings = _settings(a)
-    config = LazyConfig.off() if a.no_lazy else _lazy_config(a)
+    config = LazyConfig.off() if a.no_lazy else _lazy_config(a, settings)
     propagator = build_propagator(settings)
     refiner = None if (a.no_lazy or settings.refiner == "none") else build_refiner(settings)
     if refiner is None and config.pseudo:
@@ -158,8 +159,9 @@ def cmd_score(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
-    summary = evaluate(a.data, a.out, mode=a.mode, sequences=a.sequences, settings=_settings(a),
-                       config=_lazy_config(a), robot=a.robot, correction=a.correction, k=a.k, seed=a.seed,
+    settings = _settings(a)
+    summary = evaluate(a.data, a.out, mode=a.mode, sequences=a.sequences, settings=settings,
+                       config=_lazy_config(a, settings), robot=a.robot, correction=a.correction, k=a.k, seed=a.seed,
                        save_masks=not a.no_masks)
     print((Path(a.out) / "table.md").read_text())
     print(f"J&F {100 * summary['J&F']:.1f}, N_oI {summary['N_oI']}, rate {summary['interaction_rate']:.2f} %, "

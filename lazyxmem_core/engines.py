@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import LazyXMemError
+from .lazy import LazyConfig
 from .protocols import Propagator, Refiner
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,18 @@ def build_propagator(settings: EngineSettings) -> Propagator:
 
     log.info("engine: embedded (no weights)%s", "" if settings.engine == "embedded" else ", no XMem checkpoint configured")
     return EmbeddedPropagator()
+
+
+def lazy_config(settings: EngineSettings, **overrides: Any) -> LazyConfig:
+    """The Lazy controller's configuration for the engine ``settings`` picks: thresholds on that
+    engine's uncertainty scale (XMem: the paper's), then ``overrides`` (None values ignored)."""
+    thresholds: dict[str, Any] = {}
+    if propagator_name(settings) == "embedded":
+        from .embedded import EmbeddedPropagator
+
+        thresholds = dict(EmbeddedPropagator.lazy_thresholds)
+    values = {**thresholds, **{k: v for k, v in overrides.items() if v is not None}}
+    return LazyConfig(**values)
 
 
 def refiner_name(settings: EngineSettings) -> str:

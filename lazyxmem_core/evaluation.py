@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from . import metrics
-from .engines import EngineSettings, build_propagator, build_refiner
+from .engines import EngineSettings, build_propagator, build_refiner, lazy_config
 from .errors import MediaError
 from .lazy import LazyConfig, LazySession
 from .media import FrameDir, read_index_mask, write_index_mask
@@ -112,7 +112,7 @@ def run_sequence(
     progress: Callable[[int], None] | None = None,
 ) -> SequenceResult:
     """Run one sequence in one mode and score it against its ground truth."""
-    cfg = _config_for(mode, config or LazyConfig())
+    cfg = _config_for(mode, config or lazy_config(settings))
     propagator = build_propagator(settings)
     refiner = build_refiner(settings) if (cfg.pseudo or mode != "none") else None
     user = simulated_user(seq.gt, robot, correction) if mode != "none" else None

@@ -20,7 +20,6 @@ from backend.app import create_app
 from backend.convert import decode_brush, frame_ranges, keyframes
 from backend.model import BackendSettings
 from lazyxmem_core.engines import EngineSettings
-from lazyxmem_core.lazy import LazyConfig
 from synthetic import make_video
 
 TOKEN = "t" * 40
@@ -93,7 +92,7 @@ def client(fake_ls, tmp_path, monkeypatch):
     monkeypatch.setenv("BASIC_AUTH_PASS", "pw")
     settings = BackendSettings(ls_url=url, api_key=TOKEN, cache_dir=str(tmp_path / "cache"),
                                engine=EngineSettings(engine="embedded", refiner="embedded"),
-                               lazy=LazyConfig(detect_loss=True))
+                               lazy=None)
     FakeLabelStudio.posted.clear()
     app = create_app(settings)
     c = app.test_client()

@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from ..refine_common import FrameCache, check_prompts, frame_key
 from ..types import Box, Click
+from .reference_cut import ReferenceModel, build_reference, lab_bins, reference_cut, reference_key
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -58,6 +59,8 @@ class GrabCutRefiner:
         self.trust_iou = trust_iou
         self.reach = 3.0  # a click edits up to this many times its depth in the error region
         self._cache: FrameCache[np.ndarray] = FrameCache(cache_size)
+        self._bins: FrameCache[np.ndarray] = FrameCache(cache_size)
+        self._refs: FrameCache[ReferenceModel | None] = FrameCache(cache_size)
 
     def _lab(self, frame: np.ndarray, frame_id: Hashable | None) -> np.ndarray:
         return self._cache.get(frame_key(frame, frame_id),
@@ -83,6 +86,9 @@ class GrabCutRefiner:
                 return prior.copy()  # nothing that asks for a change
             raise ValueError("refine needs a positive click, a box, or a prior mask with "
                              "negative clicks")
+        if reference is not None and pos and box is None and not neg:
+            return self._refine_with_reference(frame, frame_id, pos, prior if has_prior else None,
+                                               reference)
         lab = self._lab(frame, frame_id)
         empty = np.zeros((h, w), bool)
         prior_m = prior if has_prior else empty
@@ -204,6 +210,21 @@ class GrabCutRefiner:
         for c in neg:
             out[int(c.y), int(c.x)] = False
         return self._fallback(out, prior_m, has_prior, box, pos, neg, r_click)
+
+    def _refine_with_reference(self, frame, frame_id, pos, prior, reference) -> np.ndarray:
+        """Positive clicks with a reference annotation: see ``reference_cut``."""
+        if not (isinstance(reference, tuple) and len(reference) == 2):
+            raise ValueError("reference must be a (frame, mask) tuple of an earlier annotated frame")
+        ref_frame, ref_mask = reference
+        if not isinstance(ref_frame, np.ndarray) or ref_frame.ndim != 3 or ref_frame.dtype != np.uint8:
+            raise ValueError("reference frame must be an RGB uint8 (H, W, 3) array")
+        ref_mask = np.asarray(ref_mask).astype(bool)
+        model = self._refs.get(reference_key(ref_frame, ref_mask), lambda: build_reference(ref_frame, ref_mask))
+        if model is None:  # an empty reference says nothing: the plain click path
+            return self.refine(frame, pos, prior=prior, frame_id=frame_id)
+        lab = self._lab(frame, frame_id)
+        bins = self._bins.get(frame_key(frame, frame_id), lambda: lab_bins(lab))
+        return reference_cut(lab, bins, pos, prior, model, self.max_pixels, self.iterations + 1)
 
     def _local_edits(self, base, seg, pos, neg, to_crop, rc, radius) -> np.ndarray:
         """Add (remove) the part of ``seg`` (of ``base``) a positive (negative) click lies on
