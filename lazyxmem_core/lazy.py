@@ -198,8 +198,9 @@ class LazySession:
                 f"propagator returned probabilities of shape {probs.shape} for {len(labels)} objects "
                 f"on a {frame.shape[1]}x{frame.shape[0]} frame; expected ({len(labels) + 1}, {frame.shape[0]}, {frame.shape[1]})"
             )
-        lut = np.asarray([0, *labels], dtype=np.uint16 if max(labels, default=0) > 255 else np.uint8)
-        output = lut[argmax_channels(probs)]
+        output = argmax_channels(probs)
+        if labels != list(range(1, len(labels) + 1)):  # channel index -> label value
+            output = np.asarray([0, *labels], dtype=output.dtype)[output]
         given_labels = set() if given is None else {int(v) for v in np.unique(given) if v != 0}
         for label in given_labels:
             self._reference[label] = (frame, given == label)

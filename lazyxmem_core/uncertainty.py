@@ -18,11 +18,11 @@ def normalised_entropy(probs: np.ndarray) -> np.ndarray:
     n_channels = probs.shape[0]
     if n_channels < 2:
         return np.zeros(probs.shape[1:], np.float32)
-    p = np.asarray(probs, dtype=np.float32)
-    plogp = np.maximum(p, np.float32(1e-12))
-    np.log(plogp, out=plogp)
-    plogp *= p
-    h = plogp.sum(axis=0)
+    h = np.zeros(probs.shape[1:], np.float32)
+    for k in range(n_channels):
+        # OpenCV's log and multiply are vectorised: several times faster than numpy's here.
+        pk = np.ascontiguousarray(probs[k], dtype=np.float32)
+        h += cv2.multiply(cv2.log(np.maximum(pk, np.float32(1e-12))), pk)
     h *= np.float32(-1.0 / math.log(n_channels))
     return np.clip(h, 0.0, 1.0, out=h)
 
@@ -55,15 +55,16 @@ def dilation_radius(area: int) -> float:
 def uncertainty_region(mask: np.ndarray) -> np.ndarray:
     """R_c: the object's mask dilated by the size-adaptive disc (the mask itself included).
 
-    Computed as a threshold on the exact Euclidean distance to the mask, which costs the same
-    whatever the disc's size (a large structuring element in ``cv2.dilate`` does not).
+    Computed as a threshold on the distance to the mask (OpenCV's 5x5-mask Euclidean distance,
+    within 2 % of exact), which costs the same whatever the disc's size; a large structuring
+    element in ``cv2.dilate`` costs its area per pixel.
     """
     m_u8 = (mask != 0).astype(np.uint8)
     area = int(cv2.countNonZero(m_u8))
     radius = dilation_radius(area)
     if radius < 1 or area == 0:
         return m_u8.astype(bool)
-    dist = cv2.distanceTransform(1 - m_u8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    dist = cv2.distanceTransform(1 - m_u8, cv2.DIST_L2, cv2.DIST_MASK_5)
     return dist <= radius
 
 
@@ -88,8 +89,8 @@ def object_uncertainty(probs: np.ndarray, mask: np.ndarray, with_click: bool = F
     y0, y1 = max(0, y - pad), min(mask.shape[0], y + h + pad)
     x0, x1 = max(0, x - pad), min(mask.shape[1], x + w + pad)
     entropy = normalised_entropy(probs[:, y0:y1, x0:x1])
-    region = uncertainty_region(m_u8[y0:y1, x0:x1])
-    S = float(entropy[region].sum(dtype=np.float64) / area)
+    region = uncertainty_region(m_u8[y0:y1, x0:x1]).view(np.uint8)
+    S = cv2.mean(entropy, mask=region)[0] * cv2.countNonZero(region) / area
     click = None
     if with_click:
         cx, cy = _weighted_interior(crop_mask, entropy[y - y0:y - y0 + h, x - x0:x - x0 + w])
