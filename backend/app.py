@@ -58,6 +58,8 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
     model = LazyXMemModel(settings or BackendSettings.from_env())
     app.config["model"] = model
     settings = model.settings.engine
+    log.info("lazyxmem %s: engine %s, refiner %s%s", __version__, propagator_name(settings), refiner_name(settings),
+             "" if settings.xmem_checkpoint else " (no XMEM_CHECKPOINT: the embedded no-weights engine)")
     auth_user, auth_pass = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
     started = time.time()
     counters = {"requests": 0, "errors": 0}
