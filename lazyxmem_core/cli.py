@@ -53,12 +53,14 @@ def _lazy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-user-gap", type=int, default=None, help="frames between two requests for one object")
     for name in ("udu", "pseudo", "idu"):
         p.add_argument(f"--no-{name}", action="store_true", help=f"disable {name.upper()}")
+    p.add_argument("--pseudo", action="store_true",
+                   help="pseudo-corrections even with the embedded refiner (default: only with SAM)")
     p.add_argument("--pseudo-idu", action="store_true", help="write pseudo-corrected frames to memory")
 
 
 def _lazy_config(a: argparse.Namespace, settings: EngineSettings) -> LazyConfig:
     return lazy_config(settings, tau_u=a.tau_u, tau_p=a.tau_p, tau_m=a.tau_m, trigger=a.trigger, udu=not a.no_udu,
-                       pseudo=not a.no_pseudo, pseudo_idu=a.pseudo_idu, idu=not a.no_idu,
+                       pseudo=False if a.no_pseudo else (True if a.pseudo else None), pseudo_idu=a.pseudo_idu, idu=not a.no_idu,
                        detect_loss=a.detect_loss, user_budget=a.user_budget, min_user_gap=a.min_user_gap)
 
 

@@ -92,8 +92,8 @@ class SequenceResult:
 def _config_for(mode: str, base: LazyConfig) -> LazyConfig:
     if mode == "none":
         return LazyConfig.off()
-    if mode == "pseudo":
-        return LazyConfig(**{**base.__dict__, "user": False})
+    if mode == "pseudo":  # the paper's "pseudo-corrections only" row, whatever the refiner
+        return LazyConfig(**{**base.__dict__, "user": False, "pseudo": True})
     if mode == "lazy":
         return base
     if mode in ("rand-lazy", "every-k"):

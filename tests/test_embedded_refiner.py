@@ -119,3 +119,60 @@ def test_speed_854x480() -> None:
     t = time.perf_counter()
     ref.refine(img, [Click(410, 250)], prior=prior.astype(bool), frame_id=0)
     assert time.perf_counter() - t < 1.0  # target 0.15 s; loose bound for shared CI machines
+
+
+# ---------------------------------------------------------------- reference-guided path
+def _scene_at(cx: int, cy: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The disc scene with the object at (cx, cy): red disc with a yellow patch, green ground."""
+    rng = np.random.default_rng(seed)
+    gt = np.zeros((H, W), np.uint8)
+    cv2.circle(gt, (cx, cy), R, 1, -1)
+    patch = np.zeros((H, W), np.uint8)
+    cv2.circle(patch, (cx, cy), R // 3, 1, -1)
+    noise = rng.normal(0, 15, (H, W, 3))
+    img = np.array([60, 140, 70]) + noise
+    img = np.where(gt[..., None] > 0, np.array([200, 60, 60]) + noise, img)
+    img = np.where(patch[..., None] > 0, np.array([230, 220, 60]) + noise, img)
+    return np.clip(img, 0, 255).astype(np.uint8), gt.astype(bool)
+
+
+def _shift(mask: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    return np.roll(np.roll(mask, dy, axis=0), dx, axis=1)
+
+
+def test_reference_repairs_drifted_prior(ref) -> None:
+    ref_img, ref_gt = _scene_at(100, 90, 1)
+    img, gt = _scene_at(125, 95, 2)  # the object moved; the prior stayed behind
+    prior = _shift(gt, -22, -4)
+    click = Click(125.0, 95.0)  # the TP robot's click: the GT interior point
+    m = ref.refine(img, [click], prior=prior, reference=(ref_img, ref_gt))
+    assert iou(m, gt) > iou(prior, gt) + 0.15
+    assert iou(m, gt) > 0.85
+
+
+def test_reference_keeps_a_good_prior(ref) -> None:
+    """The click lies on a distinctly coloured inner part: the result must not collapse onto it."""
+    ref_img, ref_gt = _scene_at(100, 90, 1)
+    img, gt = _scene_at(120, 90, 3)
+    m = ref.refine(img, [Click(120.0, 90.0)], prior=gt.copy(), reference=(ref_img, ref_gt))
+    assert iou(m, gt) > 0.9
+
+
+def test_reference_is_deterministic(scene) -> None:
+    ref_img, ref_gt = _scene_at(100, 90, 1)
+    img, gt = _scene_at(125, 95, 2)
+    prior = _shift(gt, -22, -4)
+    a = GrabCutRefiner().refine(img, [Click(125.0, 95.0)], prior=prior, reference=(ref_img, ref_gt))
+    b = GrabCutRefiner().refine(img, [Click(125.0, 95.0)], prior=prior, reference=(ref_img, ref_gt))
+    assert np.array_equal(a, b)
+
+
+def test_reference_edge_cases(ref, scene) -> None:
+    img, gt = scene
+    empty_ref = (img, np.zeros((H, W), bool))  # says nothing: the plain click path
+    m = ref.refine(img, [Click(CX, CY)], prior=gt, reference=empty_ref)
+    assert iou(m, gt) > 0.8
+    with pytest.raises(ValueError):
+        ref.refine(img, [Click(CX, CY)], prior=gt, reference=(img, np.zeros((H + 1, W), bool)))
+    with pytest.raises(ValueError):
+        ref.refine(img, [Click(CX, CY)], prior=gt, reference=img)  # type: ignore[arg-type]

@@ -17,6 +17,9 @@ is; the prior (the propagated mask, possibly drifted, leaking or partial) roughl
    reference's background, plus the pixels near the click that look like its object.
 4. The component holding the click (and large parts mostly inside the prior) is kept; the
    prior is kept outside the ROI only where it continues the result.
+5. The cut replaces the prior only when it scores higher under the reference's colour model
+   (sum of log-likelihood ratios over the mask); otherwise the caller falls back to the plain
+   click path. On DAVIS frames GrabCut alone often stops at an inner colour edge.
 """
 from __future__ import annotations
 
@@ -98,8 +101,9 @@ def reference_cut(
     ref: ReferenceModel,
     max_pixels: int = 20_000,
     iterations: int = 4,
-) -> np.ndarray:
-    """Bool (H, W) mask of the object the positive clicks point at; see the module docstring."""
+) -> np.ndarray | None:
+    """Bool (H, W) mask of the object the positive clicks point at (see the module docstring),
+    or None when the cut is implausible (it collapsed onto a distinctly coloured part)."""
     H, W = bins.shape
     llr_full = ref.llr[bins]
     cx = float(np.mean([c.x for c in pos]))
@@ -163,6 +167,7 @@ def reference_cut(
     comp_img = np.ascontiguousarray(np.concatenate([img, ref_img], axis=1))
     comp_gc = np.concatenate([gc, np.where(ref_m, cv2.GC_FGD, cv2.GC_BGD).astype(np.uint8)], axis=1)
     bgd, fgd = np.zeros((1, 65)), np.zeros((1, 65))
+    cv2.setRNGSeed(0)  # GrabCut seeds its k-means from the global RNG: be deterministic
     cv2.grabCut(comp_img, comp_gc, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
     res = (comp_gc[:, :cw] == cv2.GC_FGD) | (comp_gc[:, :cw] == cv2.GC_PR_FGD)
 
@@ -182,7 +187,20 @@ def reference_cut(
             out = comb & np.isin(lab_c, keep[keep > 0])
     for c in pos:
         out[int(c.y), int(c.x)] = True
-    return out
+    return out if _better_than_prior(out, prior, llr_full) else None
+
+
+def _better_than_prior(out: np.ndarray, prior: np.ndarray | None, llr: np.ndarray) -> bool:
+    """Whether the cut explains the frame better than the prior under the reference's colour
+    model: a larger sum of log-likelihood ratios over its pixels (it takes more object-like and
+    fewer background-like pixels). Rejects cuts that collapsed onto a distinctly coloured part
+    (a car's window, a dancer's shorts) as well as cuts that leaked."""
+    if prior is None or not prior.any():
+        return True
+    # A cut that shares little with the prior is more likely another object (a click off the
+    # object, as pseudo-clicks can be) than a repaired one.
+    overlap = np.count_nonzero(out & prior) / max(1, np.count_nonzero(out | prior))
+    return overlap >= 0.3 and float(llr[out].sum()) > float(llr[prior].sum())
 
 
 def _component_at(mask: np.ndarray, pos: Sequence[Click]) -> np.ndarray | None:

@@ -180,6 +180,7 @@ class GrabCutRefiner:
         bg_seed = (gc == cv2.GC_BGD) | (gc == cv2.GC_PR_BGD)
         if fg_seed.any() and bg_seed.any():
             bgd_model, fgd_model = np.zeros((1, 65)), np.zeros((1, 65))
+            cv2.setRNGSeed(0)  # GrabCut seeds its k-means from the global RNG: be deterministic
             cv2.grabCut(img, gc, None, bgd_model, fgd_model, self.iterations, cv2.GC_INIT_WITH_MASK)
         res = (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
 
@@ -224,7 +225,10 @@ class GrabCutRefiner:
             return self.refine(frame, pos, prior=prior, frame_id=frame_id)
         lab = self._lab(frame, frame_id)
         bins = self._bins.get(frame_key(frame, frame_id), lambda: lab_bins(lab))
-        return reference_cut(lab, bins, pos, prior, model, self.max_pixels, self.iterations + 1)
+        cut = reference_cut(lab, bins, pos, prior, model, self.max_pixels, self.iterations + 1)
+        if cut is not None:
+            return cut
+        return self.refine(frame, pos, prior=prior, frame_id=frame_id)  # the click-only path
 
     def _local_edits(self, base, seg, pos, neg, to_crop, rc, radius) -> np.ndarray:
         """Add (remove) the part of ``seg`` (of ``base``) a positive (negative) click lies on

@@ -114,12 +114,14 @@ def test_task_opens_in_web_ui(label_studio, ls_page, frames, file_name, tmp_path
     open_task(page, label_studio, proj.project_id, proj.task_ids[0])
     # The editor draws frames on a canvas; its <video> element is kept outside .lsf-main-view.
     page.wait_for_selector(".lsf-main-view .lsf-video-canvas canvas")
-    video = page.wait_for_function(
-        "() => { const v = document.querySelector('video');"
-        " return v && v.readyState >= 2 && v.duration > 0 ? v : null; }", timeout=20_000)
+    # The editor may re-mount its <video>: read everything from the element that has decoded.
+    decoded = page.wait_for_function(
+        "() => { const v = [...document.querySelectorAll('video')].find("
+        "e => e.readyState >= 2 && e.duration > 0 && e.videoWidth > 0);"
+        " return v ? [v.duration, v.videoWidth, v.videoHeight] : null; }", timeout=20_000).json_value()
     # The file decodes in the browser: right duration, size and frame count.
-    assert abs(video.evaluate("v => v.duration") - N_FRAMES / 25) < 0.2
-    assert video.evaluate("v => [v.videoWidth, v.videoHeight]") == [320, 240]
+    assert abs(decoded[0] - N_FRAMES / 25) < 0.2
+    assert decoded[1:] == [320, 240]
     # The frame counter settles after the metadata arrives (it can read "of 0" for a moment).
     try:
         page.wait_for_function("n => (document.querySelector('.lsf-frames-control') || {}).innerText"
