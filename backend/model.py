@@ -293,7 +293,14 @@ class LazyXMemModel:
         out = []
         deadline = time.monotonic() + self.settings.sync_budget_s
         for task in tasks:
-            out.append(self._predict_one(task, cfg, deadline))
+            if len(tasks) == 1:  # the caller sees the error itself (4xx with the message)
+                out.append(self._predict_one(task, cfg, deadline))
+                continue
+            try:  # in a batch, one bad task must not cost the others their predictions
+                out.append(self._predict_one(task, cfg, deadline))
+            except LazyXMemError as exc:
+                log.warning("task %s: no prediction: %s", task.get("id"), exc)
+                out.append({"result": [], "score": 0.0, "model_version": self.model_version, "error": str(exc)})
         return out
 
     def _predict_one(self, task: dict, cfg: LabelConfig, deadline: float) -> dict:

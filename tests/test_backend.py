@@ -310,3 +310,13 @@ def test_keyframe_reduction_and_ranges():
     bent = [(float(t if t < 5 else 10 - t), 0.0, 1.0, 1.0) for t in range(11)]
     assert [k["frame"] for k in keyframes(bent, 0.5)] == [1, 6, 11]
     assert frame_ranges([3, 4, 5, 9]) == [{"start": 4, "end": 6}, {"start": 10, "end": 10}]
+
+
+def test_a_bad_task_in_a_batch_does_not_cost_the_others_their_predictions(client, fake_ls):
+    _, video = fake_ls
+    good, bad = video_task(video, task_id=11), video_task(video, task_id=12, url="/data/upload/1/broken.mp4")
+    r = predict(client, [bad, good], VIDEO_CFG)
+    assert r.status_code == 200
+    first, second = r.json["results"]
+    assert first["result"] == [] and "cannot decode video" in first["error"]
+    assert any(x["type"] == "videorectangle" for x in second["result"])
