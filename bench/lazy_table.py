@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--engine", default="embedded")
     p.add_argument("--refiner", default="embedded")
     p.add_argument("--robot", default="tp", choices=("tp", "error"))
+    p.add_argument("--correction", default="refiner", choices=("refiner", "oracle"))
     p.add_argument("--modes", default="none,pseudo,lazy,rand-lazy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "runs" / "bench"))
@@ -37,7 +38,7 @@ def main() -> None:
         budgets = None
         if mode in ("rand-lazy", "every-k") and "lazy" in summaries:
             budgets = {name: s["N_oI"] for name, s in summaries["lazy"]["sequences"].items()}
-        summaries[mode] = evaluate(a.data, out / mode, mode=mode, settings=settings, robot=a.robot, seed=a.seed,
+        summaries[mode] = evaluate(a.data, out / mode, mode=mode, settings=settings, robot=a.robot, seed=a.seed, correction=a.correction,
                                    save_masks=False, budgets=budgets)
     rows = ["| mode | J&F | J | F | R@0.1 | R@0.25 | R@0.5 | N_oI | rate % | N_dI | dI | pseudo | fps | lazy layer | Spearman |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
