@@ -204,10 +204,11 @@ class LazySession:
         given_labels = set() if given is None else {int(v) for v in np.unique(given) if v != 0}
         for label in given_labels:
             self._reference[label] = (frame, given == label)
+            _replace_object(output, label, given == label)  # the annotation is the output, exactly
 
         objects: dict[int, ObjectRecord] = {}
         veto = False
-        for k, label in enumerate(labels):
+        for label in labels:
             mask = output == label
             u = object_uncertainty(probs, mask)
             prev = self._prev_S.get(label)

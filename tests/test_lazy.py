@@ -243,3 +243,10 @@ def test_bad_inputs():
     s.run()
     with pytest.raises(ValueError, match="frames 0..7"):
         s.correct({(9, 1): Correction(mask=np.ones((H, W), bool))})
+
+
+def test_the_given_mask_is_the_output_on_its_frame():
+    given = np.zeros((H, W), np.uint8)
+    given[12:20, 18:30] = 1  # differs from the scripted square the propagator returns
+    recs = LazySession(ScriptedPropagator(SCRIPT), FRAMES, {0: given}, refiner=RecordingRefiner()).run()
+    assert (recs[0].mask == given).all() and recs[0].given
