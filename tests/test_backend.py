@@ -75,6 +75,15 @@ def fake_ls():
     w.release()
     FakeLabelStudio.files["/data/upload/1/v.avi"] = buf.read_bytes()
     FakeLabelStudio.files["/data/upload/1/broken.mp4"] = b"\x00garbage" * 50
+    # A look-alike distractor crosses the object: the Lazy trigger must fire.
+    crossing = make_video(n_frames=30, size=(240, 428), radius=40, distractor=True)
+    path = buf.with_name("cross.avi")
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (428, 240))
+    for f in crossing.frames:
+        w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    w.release()
+    FakeLabelStudio.files["/data/upload/1/cross.avi"] = path.read_bytes()
+    video.crossing = crossing
     # The image sequence is the same scene without the distractor: its masks are checked for quality.
     clean = make_video(n_frames=N, size=(H, W), radius=12, seed=5)
     for i, f in enumerate(clean.frames):
@@ -320,3 +329,20 @@ def test_a_bad_task_in_a_batch_does_not_cost_the_others_their_predictions(client
     first, second = r.json["results"]
     assert first["result"] == [] and "cannot decode video" in first["error"]
     assert any(x["type"] == "videorectangle" for x in second["result"])
+
+
+def test_a_distractor_crossing_puts_needs_review_spans_on_the_timeline(client, fake_ls):
+    _, video = fake_ls
+    crossing = video.crossing
+    ys, xs = np.nonzero(crossing.masks[0] == 1)
+    h, w = crossing.shape
+    kf = {"frame": 1, "x": 100 * xs.min() / w, "y": 100 * ys.min() / h, "width": 100 * (xs.max() + 1 - xs.min()) / w,
+          "height": 100 * (ys.max() + 1 - ys.min()) / h, "rotation": 0, "enabled": True}
+    task = video_task(video, task_id=21, url="/data/upload/1/cross.avi", box=kf)
+    r = predict(client, [task], VIDEO_CFG)
+    assert r.status_code == 200, r.json
+    pred = r.json["results"][0]
+    review = client.model.held(21).session.review_frames
+    assert review and pred["review_frames"] == [t + 1 for t in review]
+    spans = [x for x in pred["result"] if x["type"] == "timelinelabels" and x["value"]["timelinelabels"] == ["Needs review"]]
+    assert spans and {t + 1 for t in review} <= {f for rg in spans[0]["value"]["ranges"] for f in range(rg["start"], rg["end"] + 1)}
