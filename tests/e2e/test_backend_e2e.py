@@ -30,7 +30,7 @@ from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from ls_harness import (Backend, LabelStudio, add_local_storage, backend_log_since, create_project,
                         import_tasks, local_file_url, open_task, register_backend, retrieve_predictions,
                         wait_for_log)
-from synthetic import texture, write_webm
+from synthetic import make_video, texture, write_webm
 
 pytestmark = pytest.mark.e2e
 
@@ -267,6 +267,28 @@ def images_case(label_studio: LabelStudio, backend_server: Backend) -> Case:
 
 
 # --- video -----------------------------------------------------------------------------------
+
+
+def test_video_with_a_lookalike_distractor_crossing_gets_needs_review_spans(
+        video_case: Case, label_studio: LabelStudio, backend_server: Backend) -> None:
+    """The Lazy user trigger itself (not the loss detector): a same-looking disc crosses the object."""
+    ls = label_studio
+    crossing = make_video(n_frames=30, size=(240, 428), radius=40, distractor=True)
+    path = video_case.folder / "crossing.webm"
+    write_webm(str(path), [cv2.cvtColor(f, cv2.COLOR_RGB2BGR) for f in crossing.frames], FPS)
+    x, y, w, h = pct_box(crossing.masks[0] == 1)
+    region = {"id": "start", "from_name": "box", "to_name": "video", "type": "videorectangle", "origin": "manual",
+              "value": {"labels": ["Object"], "sequence": [{"frame": 1, "x": x, "y": y, "width": w, "height": h,
+                                                             "rotation": 0, "enabled": True, "time": 0}]}}
+    task_id = import_tasks(ls, video_case.project_id,
+                           [{"data": {"video": local_file_url(ls, path)}, "annotations": [{"result": [region]}]}])[0]
+    answer = retrieve_predictions(ls, video_case.project_id, [task_id])
+    assert answer.get("processed_items") == 1, answer
+    pred = next(p for p in wait_predictions(ls, task_id, has_result, backend_server) if has_result([p]))
+    spans = [r for r in pred["result"] if r["type"] == "timelinelabels"
+             and r["value"]["timelinelabels"] == ["Needs review"]]
+    assert spans and spans[0]["value"]["ranges"], pred["result"]
+    assert all(1 <= rg["start"] <= rg["end"] <= 30 for rg in spans[0]["value"]["ranges"])
 
 
 def test_video_prediction_tracks_every_frame_and_flags_the_vanishing(video_case: Case) -> None:
