@@ -472,12 +472,24 @@ class LazyXMemModel:
         cfg = parse_label_config(project.get("label_config") or "")
         state = self.held(int(task["id"]))
         if state is None:
-            # The annotation that fired the webhook must not be mistaken for the initial regions.
+            # A restart or an evicted session: rebuilding means propagating the whole video, which
+            # does not belong inside the webhook call. The annotation that fired the webhook must
+            # not be mistaken for the initial regions.
             base = dict(task)
             base["annotations"] = [a for a in task.get("annotations") or [] if a.get("id") != annotation.get("id")]
             if not self.annotation_results(base):
                 base["annotations"] = [annotation]
-            state = self.state_for(base, cfg)
+
+            def rebuild(progress: Callable[[int], None]) -> None:
+                self.apply_annotation(self.state_for(base, cfg), annotation)
+
+            job = self.jobs.submit("rebuild", int(task["id"]), 0, rebuild)
+            return {"status": "rebuilding", "job": job}
+        return self.apply_annotation(state, annotation)
+
+    def apply_annotation(self, state: TaskState, annotation: dict) -> dict:
+        """The frames where ``annotation`` differs from the prediction become corrections."""
+        cfg = state.cfg
         if cfg.mode == "images":
             corrections = self.image_edits(state, annotation.get("result") or [])
         else:

@@ -265,9 +265,11 @@ def test_sessions_are_bounded_and_rebuilt_after_eviction(client, fake_ls):
     payload = {"action": "ANNOTATION_UPDATED", "project": {"id": 3, "label_config": VIDEO_CFG},
                "task": video_task(video, task_id=7), "annotation": {"id": 99, "result": [region]}}
     r = client.post("/webhook", headers=AUTH, json=payload)
-    assert r.status_code == 200 and r.json["frames"] == [6]
+    assert r.status_code == 200 and r.json["status"] == "rebuilding"  # the video is not propagated in the call
     wait_jobs(client)
-    assert client.model.held(7).revision == 1
+    wait_jobs(client)  # the rebuild job schedules the re-propagation job
+    state = client.model.held(7)
+    assert state.revision == 1 and state.session.records[5].objects[1].answered
 
 
 @pytest.mark.parametrize("case, status, message", [
