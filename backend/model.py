@@ -29,8 +29,8 @@ from lazyxmem_core.types import Click, Correction, Decision
 
 from . import convert
 from .convert import ObjectPrompt, TaskError
-from .fetch import FetchError, MediaFetcher
-from .labelconfig import ConfigError, LabelConfig, parse_label_config
+from .fetch import MediaFetcher
+from .labelconfig import LabelConfig, parse_label_config
 
 log = logging.getLogger(__name__)
 

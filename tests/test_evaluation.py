@@ -5,7 +5,6 @@ import csv
 import json
 
 import cv2
-import numpy as np
 import pytest
 
 from lazyxmem_core.cli import main

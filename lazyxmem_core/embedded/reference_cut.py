@@ -106,8 +106,6 @@ def reference_cut(
     or None when the cut is implausible (it collapsed onto a distinctly coloured part)."""
     H, W = bins.shape
     llr_full = ref.llr[bins]
-    cx = float(np.mean([c.x for c in pos]))
-    cy = float(np.mean([c.y for c in pos]))
     bw, bh = ref.box_wh
 
     # ROI: the reference's box scaled up, centred on the clicks (the TP click is the object's
