@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 LS_VERSION ?= 1.23.2
 LS_VENV ?= .venv-ls
 LS_STAMP := $(LS_VENV)/.installed-$(LS_VERSION)
-# Debian packages the e2e tests need: a browser for Playwright and ffmpeg for H.264 test videos.
+# Debian packages the tests need: a browser for Playwright, ffmpeg for H.264 test videos, and
+# docker-compose to validate the compose file (no Docker engine needed for `config`).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test install install-e2e sysdeps bench clean
@@ -34,6 +35,7 @@ sysdeps:
 	@missing=""; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium fonts-liberation"; \
 	command -v ffmpeg >/dev/null 2>&1 || missing="$$missing ffmpeg"; \
+	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
 	if [ -n "$$missing" ]; then \
 		echo "apt-get install:$$missing"; \
 		$(SUDO) apt-get update -qq && \

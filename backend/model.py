@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 
 
 def _env_float(name: str, default: float) -> float:
+    """A number from the environment; unset or empty (compose's ``${X:-}``) means the default."""
     try:
-        return float(os.environ.get(name, default))
+        return float(os.environ.get(name) or default)
     except ValueError:
         raise LazyXMemError(f"{name}={os.environ[name]!r} is not a number") from None
 
@@ -64,7 +65,7 @@ class BackendSettings:
         return cls(
             ls_url=os.environ.get("LABEL_STUDIO_URL") or None,
             api_key=os.environ.get("LABEL_STUDIO_API_KEY") or None,
-            cache_dir=os.environ.get("CACHE_DIR", cls.cache_dir),
+            cache_dir=os.environ.get("CACHE_DIR") or cls.cache_dir,
             allowed_hosts=frozenset(h for h in os.environ.get("ALLOWED_MEDIA_HOSTS", "").split(",") if h),
             max_media_mb=_env_float("MAX_MEDIA_MB", cls.max_media_mb),
             max_frames=int(_env_float("MAX_FRAMES", cls.max_frames)),
@@ -73,7 +74,7 @@ class BackendSettings:
             engine=engine,
             lazy=lazy_config(engine, tau_u=opt("TAU_U"), tau_p=opt("TAU_P"), tau_m=opt("TAU_M"),
                              user_budget=int(os.environ["REVIEW_BUDGET"]) if os.environ.get("REVIEW_BUDGET") else None,
-                             detect_loss=os.environ.get("DETECT_LOSS", "true").lower() in ("1", "true", "yes")),
+                             detect_loss=(os.environ.get("DETECT_LOSS") or "true").lower() in ("1", "true", "yes")),
         )
 
 

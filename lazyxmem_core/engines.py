@@ -32,12 +32,13 @@ class EngineSettings:
     @classmethod
     def from_env(cls, **overrides: Any) -> EngineSettings:
         values = {
-            "engine": os.environ.get("LAZYXMEM_ENGINE", "auto"),
-            "refiner": os.environ.get("LAZYXMEM_REFINER", "auto"),
+            # Empty counts as unset: compose passes ${X:-} through as "".
+            "engine": os.environ.get("LAZYXMEM_ENGINE") or "auto",
+            "refiner": os.environ.get("LAZYXMEM_REFINER") or "auto",
             "xmem_checkpoint": os.environ.get("XMEM_CHECKPOINT") or None,
             "sam_checkpoint": os.environ.get("SAM_CHECKPOINT") or None,
-            "sam_type": os.environ.get("SAM_TYPE", "vit_h"),
-            "device": os.environ.get("DEVICE", "cpu"),
+            "sam_type": os.environ.get("SAM_TYPE") or "vit_h",
+            "device": os.environ.get("DEVICE") or "cpu",
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
