@@ -172,6 +172,38 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights_download(a: argparse.Namespace) -> int:
+    from . import weights
+
+    if a.model == "xmem":
+        path = weights.download_xmem(a.variant, a.dir, a.url, progress=not a.quiet)
+    else:
+        path = weights.download_sam(a.type, a.dir, a.url, progress=not a.quiet)
+    print(path)
+    return 0
+
+
+def _weights_parser(sub: argparse._SubParsersAction) -> None:
+    from .weights import SAM_FILES, XMEM_VARIANTS
+
+    p = sub.add_parser("weights", help="manage model checkpoints")
+    wsub = p.add_subparsers(dest="weights_command", required=True)
+    d = wsub.add_parser("download", help="download an official checkpoint (resumable, checked by loading it)")
+    msub = d.add_subparsers(dest="model", required=True)
+    for name, help_ in (("xmem", "XMem release v1.0 checkpoint"), ("sam", "Segment Anything checkpoint")):
+        m = msub.add_parser(name, help=help_)
+        if name == "xmem":
+            m.add_argument("--variant", choices=XMEM_VARIANTS, default="XMem", help="which XMem weights (default XMem)")
+        else:
+            m.add_argument("--type", choices=tuple(SAM_FILES), default="vit_h", help="SAM model type (default vit_h)")
+        m.add_argument("--dir", default=None, help="target folder (default: MODEL_DIR or ./models)")
+        m.add_argument("--url", default=None,
+                       help="mirror: base URL (the file name is appended) or the file's URL; default LAZYXMEM_WEIGHTS_URL "
+                            "or the official release")
+        m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        m.set_defaults(func=cmd_weights_download)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lazyxmem", description="Lazy-XMem: uncertainty-driven video object segmentation")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -213,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     _lazy_args(p)
     p.set_defaults(func=cmd_eval)
+
+    _weights_parser(sub)
     return parser
 
 
