@@ -52,7 +52,7 @@ class ObjectPrompt:
     clicks: list[Click] = field(default_factory=list)
 
 
-def _pct_box(v: dict, width: int, height: int, where: str) -> Box:
+def pct_box(v: dict, width: int, height: int, where: str) -> Box:
     try:
         x, y, w, h = (float(v[k]) for k in ("x", "y", "width", "height"))
     except (KeyError, TypeError, ValueError):
@@ -66,7 +66,7 @@ def _pct_box(v: dict, width: int, height: int, where: str) -> Box:
     return Box(x0, y0, x1, y1)
 
 
-def _label_of(value: dict) -> str:
+def label_of(value: dict) -> str:
     for key in ("labels", "brushlabels", "rectanglelabels", "keypointlabels"):
         if value.get(key):
             return str(value[key][0])
@@ -86,8 +86,8 @@ def video_prompts(results: Iterable[dict], cfg: LabelConfig, width: int, height:
         frame = int(first.get("frame", 1)) - 1
         if not 0 <= frame < n_frames:
             raise TaskError(f"region {r.get('id')}: keyframe {frame + 1} is outside the video (1..{n_frames})")
-        box = _pct_box(first, width, height, f"region {r.get('id')} frame {frame + 1}")
-        prompts.append(ObjectPrompt(str(r.get("id")), _label_of(r.get("value") or {}), frame, box=box))
+        box = pct_box(first, width, height, f"region {r.get('id')} frame {frame + 1}")
+        prompts.append(ObjectPrompt(str(r.get("id")), label_of(r.get("value") or {}), frame, box=box))
     return prompts
 
 
@@ -115,7 +115,7 @@ def image_prompts(results: Iterable[dict], cfg: LabelConfig, sizes: Sequence[tup
         if r.get("from_name") not in names:
             continue
         value = r.get("value") or {}
-        label = _label_of(value)
+        label = label_of(value)
         if label == REVIEW_LABEL:
             continue
         item = int(r.get("item_index", 0) or 0)
@@ -130,7 +130,7 @@ def image_prompts(results: Iterable[dict], cfg: LabelConfig, sizes: Sequence[tup
             if not p.mask.any():
                 continue
         elif kind == "rectanglelabels":
-            p.box = _pct_box(value, width, height, where)
+            p.box = pct_box(value, width, height, where)
         elif kind == "keypointlabels":
             x, y = float(value.get("x", -1)), float(value.get("y", -1))
             if not (0 <= x <= 100 and 0 <= y <= 100):
@@ -171,12 +171,12 @@ def keyframes(boxes: Sequence[tuple[float, float, float, float] | None], toleran
         while run_end + 1 < n and boxes[run_end + 1] is not None:
             run_end += 1
         a = t
-        out.append(_kf(a, boxes[a], True))
+        out.append(keyframe(a, boxes[a], True))
         while a < run_end:
             b = a + 1
             while b + 1 <= run_end and _fits(boxes, a, b + 1, tolerance):
                 b += 1
-            out.append(_kf(b, boxes[b], True))
+            out.append(keyframe(b, boxes[b], True))
             a = b
         if run_end + 1 < n:  # the object disappears after run_end
             out[-1]["enabled"] = False
@@ -193,7 +193,7 @@ def _fits(boxes: Sequence, a: int, b: int, tol: float) -> bool:
     return True
 
 
-def _kf(t: int, box: tuple[float, float, float, float], enabled: bool) -> dict:
+def keyframe(t: int, box: tuple[float, float, float, float], enabled: bool) -> dict:
     x, y, w, h = box
     return {"frame": t + 1, "x": round(x, 4), "y": round(y, 4), "width": round(w, 4), "height": round(h, 4),
             "rotation": 0, "enabled": enabled}

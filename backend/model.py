@@ -372,7 +372,7 @@ class LazyXMemModel:
             else:
                 box = convert.mask_box(corr.mask)
                 if box is not None:
-                    kf = convert._kf(t, box, True)
+                    kf = convert.keyframe(t, box, True)
                     kf["time"] = round(t / state.fps, 4)
                     result.append({"id": f"lazyxmem-{value}", "from_name": cfg.output.name, "to_name": cfg.object_tag,
                                    "type": "videorectangle",
@@ -430,14 +430,14 @@ class LazyXMemModel:
             if r.get("type") != "videorectangle":
                 continue
             value_d = r.get("value") or {}
-            text = convert._label_of(value_d)
+            text = convert.label_of(value_d)
             seq = [k for k in value_d.get("sequence") or [] if k.get("enabled", True)]
             rid = str(r.get("id", ""))
             for k in seq:
                 t = int(k.get("frame", 1)) - 1
                 if not 0 <= t < len(state.frames):
                     raise TaskError(f"region {rid}: keyframe {t + 1} is outside the video (1..{len(state.frames)})")
-                box = convert._pct_box(k, w, h, f"region {rid} frame {t + 1}")
+                box = convert.pct_box(k, w, h, f"region {rid} frame {t + 1}")
                 if rid.startswith("lazyxmem-") and rid[9:].isdigit():
                     value = int(rid[9:])
                 else:

@@ -49,15 +49,6 @@ class LazyConfig:
         """Plain propagation: no correction, no veto (the propagator's own memory schedule)."""
         return cls(udu=False, pseudo=False, user=False, idu=False)
 
-    @classmethod
-    def pseudo_only(cls) -> LazyConfig:
-        return cls(user=False)
-
-    @classmethod
-    def scheduled(cls) -> LazyConfig:
-        """User requests come from an external schedule (Rand-Lazy, every-k); the rest as Lazy."""
-        return cls(user=False, detect_loss=False)
-
 
 @dataclass(frozen=True)
 class UserRequest:
@@ -140,10 +131,6 @@ class LazySession:
     def review_frames(self) -> list[int]:
         """Frames where a user correction was requested and not answered yet, in order."""
         return [t for t in sorted(self.records) if self.records[t].review]
-
-    @property
-    def done(self) -> bool:
-        return self._next >= len(self.frames)
 
     # -- deferred corrections --------------------------------------------------------------
     def correct(self, corrections: Mapping[tuple[int, int], Correction], progress: Callable[[int], None] | None = None) -> int:

@@ -44,12 +44,6 @@ class FrameSequence:
         for i in range(len(self)):
             yield self[i]
 
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) of the frames."""
-        h, w = self[0].shape[:2]
-        return w, h
-
 
 class FrameDir(FrameSequence):
     """Frames stored as image files in a folder, ordered by name (00000.jpg, 00001.jpg, ...)."""
