@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 LS_VERSION ?= 1.23.2
 LS_VENV ?= .venv-ls
 LS_STAMP := $(LS_VENV)/.installed-$(LS_VERSION)
-# Debian packages the tests need: a browser for Playwright, ffmpeg for H.264 test videos, and
+# Debian packages the tests need: a browser for Playwright, ffmpeg for H.264 test videos, redis-server
+# for the job-queue tests, and
 # docker-compose to validate the compose file (no Docker engine needed for `config`).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -36,6 +37,7 @@ sysdeps:
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium fonts-liberation"; \
 	command -v ffmpeg >/dev/null 2>&1 || missing="$$missing ffmpeg"; \
 	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then \
 		echo "apt-get install:$$missing"; \
 		$(SUDO) apt-get update -qq && \

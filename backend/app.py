@@ -152,11 +152,13 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
         action = body.get("action")
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
             return jsonify(model.on_annotation(body)), 200
+        if action == "TASKS_CREATED":
+            return jsonify(model.on_tasks_created(body)), 200
         return jsonify(status="ignored", action=action), 200
 
     @app.get("/jobs/<job_id>")
     def job(job_id: str) -> Any:
-        job = model.jobs.jobs.get(job_id)
+        job = model.jobs.status(job_id)
         if job is None:
             return jsonify(error=f"no job {job_id}"), 404
         return jsonify(job)

@@ -37,6 +37,7 @@ class LabelConfig:
     review_box: ControlTag | None = None  # RectangleLabels with a "Needs review" label (images)
     clicks: ControlTag | None = None  # KeyPointLabels for interactive clicks
     extra: dict = field(default_factory=dict)
+    xml: str = field(default="", repr=False, compare=False)  # the source, for jobs run elsewhere
 
     @property
     def object_labels(self) -> tuple[str, ...]:
@@ -79,7 +80,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         except ValueError:
             raise ConfigError(f"<Video frameRate=\"{video.get('frameRate')}\"> is not a number") from None
         return LabelConfig("video", name, video.get("value", "").lstrip("$"), fps, shapes=(rect,), output=rect,
-                           labels=labels, review=timeline)
+                           labels=labels, review=timeline, xml=xml)
     if images:
         image = images[0]
         name = image.get("name", "")
@@ -93,6 +94,6 @@ def parse_label_config(xml: str) -> LabelConfig:
         review_box = next((c for c in mine if c.type == "rectanglelabels" and REVIEW_LABEL in c.labels), None)
         clicks = next((c for c in mine if c.type == "keypointlabels"), None)
         return LabelConfig("images", name, image.get("valueList", "").lstrip("$"), shapes=shapes, output=brush,
-                           review=review, review_box=review_box, clicks=clicks)
+                           review=review, review_box=review_box, clicks=clicks, xml=xml)
     raise ConfigError("the label config has neither a <Video> tag nor an <Image valueList=\"$...\"> tag: "
                       "this backend serves video tasks and image-sequence tasks")

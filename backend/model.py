@@ -10,11 +10,9 @@ import os
 import tempfile
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +28,7 @@ from lazyxmem_core.types import Click, Correction, Decision
 from . import convert
 from .convert import ObjectPrompt, TaskError
 from .fetch import MediaFetcher
+from .jobs import JobSpec, PostLedger, Progress, initial_regions, make_queue
 from .labelconfig import LabelConfig, parse_label_config
 
 log = logging.getLogger(__name__)
@@ -43,6 +42,23 @@ def _env_float(name: str, default: float) -> float:
         raise LazyXMemError(f"{name}={os.environ[name]!r} is not a number") from None
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    value = (os.environ.get(name) or "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise LazyXMemError(f"{name}={os.environ[name]!r} is not a boolean: use true or false")
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+
+
 @dataclass(frozen=True)
 class BackendSettings:
     ls_url: str | None = None
@@ -53,6 +69,9 @@ class BackendSettings:
     max_frames: int = 20000
     max_sessions: int = 8
     sync_budget_s: float = 60.0  # propagate inside /predict only when it should end within this
+    redis_url: str | None = None  # jobs on RQ over Redis (``lazyxmem worker`` processes); None: in-process
+    cpu_fallback: bool = False  # finish a job on the CPU when the GPU runs out of memory
+    preannotate_on_import: bool = True  # TASKS_CREATED: queue the imported tasks that carry regions
     engine: EngineSettings = field(default_factory=EngineSettings)
     lazy: LazyConfig | None = None  # None: the engine's thresholds, object-loss detection on
 
@@ -71,10 +90,13 @@ class BackendSettings:
             max_frames=int(_env_float("MAX_FRAMES", cls.max_frames)),
             max_sessions=int(_env_float("MAX_SESSIONS", cls.max_sessions)),
             sync_budget_s=_env_float("SYNC_BUDGET_S", cls.sync_budget_s),
+            redis_url=os.environ.get("REDIS_URL") or None,
+            cpu_fallback=_env_bool("CPU_FALLBACK", False),
+            preannotate_on_import=_env_bool("PREANNOTATE_ON_IMPORT", True),
             engine=engine,
             lazy=lazy_config(engine, tau_u=opt("TAU_U"), tau_p=opt("TAU_P"), tau_m=opt("TAU_M"),
                              user_budget=int(os.environ["REVIEW_BUDGET"]) if os.environ.get("REVIEW_BUDGET") else None,
-                             detect_loss=(os.environ.get("DETECT_LOSS") or "true").lower() in ("1", "true", "yes")),
+                             detect_loss=_env_bool("DETECT_LOSS", True)),
         )
 
 
@@ -88,7 +110,10 @@ class TaskState:
     objects: list[tuple[int, str]]  # (core label value, label text)
     session: LazySession
     fps: float
+    task: dict = field(default_factory=dict)  # as Label Studio sent it: what a job needs to rebuild this
+    label_config: str = ""
     revision: int = 0
+    corrections: dict[tuple[int, int], Correction] = field(default_factory=dict)  # sent so far
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def masks(self) -> list[np.ndarray]:
@@ -98,38 +123,6 @@ class TaskState:
         return [recs[t].mask if t in recs else empty for t in range(len(self.frames))]
 
 
-class JobRunner:
-    """In-process background jobs (long videos, re-propagation) with progress for /jobs/<id>."""
-
-    def __init__(self, workers: int = 1) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lazyxmem-job")
-        self.jobs: dict[str, dict[str, Any]] = {}
-
-    def submit(self, kind: str, task_id: int, total: int, fn: Callable[[Callable[[int], None]], Any]) -> str:
-        job_id = uuid.uuid4().hex[:12]
-        job = {"id": job_id, "kind": kind, "task": task_id, "status": "queued", "done": 0, "total": total,
-               "fps": None, "error": None, "started": None, "finished": None}
-        self.jobs[job_id] = job
-
-        def run() -> None:
-            job["status"], job["started"] = "running", time.time()
-
-            def progress(n: int) -> None:
-                job["done"] += n
-                job["fps"] = round(job["done"] / max(1e-6, time.time() - job["started"]), 2)
-
-            try:
-                fn(progress)
-                job["status"] = "finished"
-            except Exception as exc:  # a failed job is reported, the worker lives on
-                log.exception("task %s: %s job failed", task_id, kind)
-                job["status"], job["error"] = "failed", f"{type(exc).__name__}: {exc}"
-            job["finished"] = time.time()
-
-        self._pool.submit(run)
-        return job_id
-
-
 class LazyXMemModel:
     def __init__(self, settings: BackendSettings | None = None) -> None:
         self.settings = settings or BackendSettings.from_env()
@@ -137,7 +130,8 @@ class LazyXMemModel:
                                     set(self.settings.allowed_hosts), int(self.settings.max_media_mb * 2**20))
         self.sessions: OrderedDict[int, TaskState] = OrderedDict()
         self._sessions_lock = threading.Lock()
-        self.jobs = JobRunner()
+        self.jobs = make_queue(self.run_job, self.settings.redis_url)
+        self.ledger = PostLedger(getattr(self.jobs, "redis", None))
         self._refiner: Refiner | None = None
         self._refiner_lock = threading.Lock()
         self.label_configs: dict[str, str] = {}  # project id -> label config, from /setup
@@ -202,15 +196,7 @@ class LazyXMemModel:
         return ArrayFrames(images), 1.0
 
     # -- building a session from Label Studio's data -------------------------------------------------
-    @staticmethod
-    def annotation_results(task: dict) -> list[dict]:
-        """The regions of the task's latest annotation (or draft), where the objects are defined."""
-        anns = [a for a in (task.get("annotations") or []) if not a.get("was_cancelled")]
-        anns += [d for d in (task.get("drafts") or [])]
-        if not anns:
-            return []
-        latest = max(anns, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
-        return latest.get("result") or []
+    annotation_results = staticmethod(initial_regions)
 
     def prompts(self, results: list[dict], cfg: LabelConfig, frames: FrameSequence) -> list[ObjectPrompt]:
         h, w = frames[0].shape[:2]
@@ -241,7 +227,7 @@ class LazyXMemModel:
             objects.append((value, p.label))
         session = LazySession(build_propagator(self.settings.engine), frames, given, refiner=self.refiner(),
                               config=self.settings.lazy or lazy_config(self.settings.engine, detect_loss=True))
-        return TaskState(task_id, cfg, frames, objects, session, fps)
+        return TaskState(task_id, cfg, frames, objects, session, fps, task=task, label_config=cfg.xml)
 
     # -- predictions ------------------------------------------------------------------------
     def prediction(self, state: TaskState) -> dict:
@@ -262,30 +248,109 @@ class LazyXMemModel:
     def estimate_seconds(self, n_frames: int, n_objects: int) -> float:
         return n_frames * max(1, n_objects) * self.seconds_per_object_frame
 
-    def propagate(self, state: TaskState, progress: Callable[[int], None] | None = None) -> None:
+    def propagate(self, state: TaskState, progress: Progress | None = None) -> None:
+        """Run the session to the end of the video (nothing to do when it is there)."""
         t0 = time.perf_counter()
-        n0 = len(state.session.records)
         with state.lock:
+            n0 = len(state.session.records)
             state.session.run(progress=progress)
-        done = len(state.session.records) - n0
+            done = len(state.session.records) - n0
+        if not done:
+            return
         if done > 10:
             per = (time.perf_counter() - t0) / (done * max(1, len(state.objects)))
             self.seconds_per_object_frame = 0.5 * self.seconds_per_object_frame + 0.5 * per
         log.info("task %s: %d frames in %.1f s, %d review frames", state.task_id, done,
                  time.perf_counter() - t0, len(state.session.review_frames))
 
-    def post_prediction(self, state: TaskState) -> None:
-        """Post the task's current prediction through the Label Studio API (background results)."""
+    def ls_client(self) -> Any:
+        if not (self.settings.ls_url and self.settings.api_key):
+            raise LazyXMemError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set to talk to Label Studio")
+        from label_studio_sdk import LabelStudio
+
+        return LabelStudio(base_url=self.settings.ls_url, api_key=self.settings.api_key)
+
+    def post_prediction(self, state: TaskState, job_id: str | None = None) -> bool:
+        """Post the task's current prediction through the Label Studio API, once per job id."""
         pred = self.prediction(state)
         if not (self.settings.ls_url and self.settings.api_key):
             log.warning("task %s: prediction ready but LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are not set", state.task_id)
-            return
-        from label_studio_sdk import LabelStudio
+            return False
 
-        client = LabelStudio(base_url=self.settings.ls_url, api_key=self.settings.api_key)
-        client.predictions.create(task=state.task_id, result=pred["result"], score=pred["score"],
-                                  model_version=pred["model_version"])
-        log.info("task %s: posted prediction %s", state.task_id, pred["model_version"])
+        def post() -> None:
+            self.ls_client().predictions.create(task=state.task_id, result=pred["result"], score=pred["score"],
+                                                model_version=pred["model_version"])
+            log.info("task %s: posted prediction %s%s", state.task_id, pred["model_version"],
+                     f" (job {job_id})" if job_id else "")
+
+        def already_posted() -> bool:
+            existing = self.ls_client().predictions.list(task=state.task_id)
+            return any(p.model_version == pred["model_version"] for p in existing)
+
+        if job_id is None:
+            post()
+            return True
+        posted = self.ledger.post_once(job_id, post, already_posted)
+        if not posted:
+            log.info("task %s: job %s posted its prediction already; not posting again", state.task_id, job_id)
+        return posted
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def submit(self, kind: str, task: dict, label_config: str, total: int, **extra: Any) -> str:
+        spec = JobSpec(kind, task, label_config, self.model_version, **extra)
+        return self.jobs.submit(spec, total)
+
+    def run_job(self, spec: JobSpec, progress: Progress | None = None) -> dict:
+        """Do one job: in a thread of this process, or in a ``lazyxmem worker`` (any of them).
+
+        The session is the one held here when there is one, else it is rebuilt from the task as
+        Label Studio sent it, so a job does not depend on which process took it.
+        """
+        cfg = parse_label_config(spec.label_config)
+
+        def work() -> dict:
+            state = self.state_for(spec.task, cfg, progress)
+            if spec.kind == "correct":
+                self.apply_corrections(state, spec.corrections, progress)
+            elif spec.kind == "annotation":
+                corrections = self.annotation_corrections(state, spec.annotation or {})
+                if not corrections:
+                    log.info("task %s: the annotation changes no frame; nothing to re-propagate", spec.task_id)
+                    return {"posted": False, "frames": []}
+                self.apply_corrections(state, corrections, progress)
+            posted = self.post_prediction(state, job_id=spec.key)
+            return {"posted": posted, "review_frames": [t + 1 for t in state.session.review_frames]}
+
+        return self.guard_oom(spec.task_id, work)
+
+    def guard_oom(self, task_id: int, work: Callable[[], Any]) -> Any:
+        """Run ``work``; on CUDA out-of-memory give a clear error, or redo it on the CPU when allowed."""
+        try:
+            return work()
+        except Exception as exc:
+            if not is_cuda_oom(exc):
+                raise
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            device = self.settings.engine.device
+            if not self.settings.cpu_fallback:
+                log.error("task %s: CUDA out of memory on %s", task_id, device)
+                raise LazyXMemError(
+                    f"task {task_id}: the GPU ran out of memory (DEVICE={device}). Run fewer workers per GPU, "
+                    "split the video, or set CPU_FALLBACK=true to finish such jobs on the CPU") from exc
+            log.warning("task %s: CUDA out of memory on %s; falling back to the CPU (CPU_FALLBACK)", task_id, device)
+            self.use_device("cpu")
+            return work()
+
+    def use_device(self, device: str) -> None:
+        """Switch the engines to ``device``; sessions built on the old one are dropped and rebuilt."""
+        self.settings = replace(self.settings, engine=replace(self.settings.engine, device=device))
+        with self._refiner_lock:
+            self._refiner = None
+        with self._sessions_lock:
+            self.sessions.clear()
 
     def predict(self, tasks: list[dict], label_config: str, context: dict | None) -> list[dict]:
         cfg = parse_label_config(label_config)
@@ -310,29 +375,51 @@ class LazyXMemModel:
         if state is None:
             log.info("task %s: no region to start from; empty prediction", task_id)
             return {"result": [], "score": 0.0, "model_version": self.model_version}
-        self._keep(state)
         remaining = deadline - time.monotonic()
         if self.estimate_seconds(len(state.frames), len(state.objects)) > remaining:
-            def job(progress: Callable[[int], None]) -> None:
-                self.propagate(state, progress)
-                self.post_prediction(state)
-
-            job_id = self.jobs.submit("propagate", task_id, len(state.frames), job)
+            spec = JobSpec("propagate", task, cfg.xml, self.model_version)
+            known = self.jobs.status(spec.key)
+            # In-process, the job continues this session (unless the same job ran already); a
+            # worker elsewhere builds its own.
+            if not self.settings.redis_url and (known is None or known["status"] == "failed"):
+                self._keep(state)
+            job_id = self.jobs.submit(spec, len(state.frames))
             log.info("task %s: %d frames run in the background (job %s)", task_id, len(state.frames), job_id)
             return {"result": [], "score": 0.0, "model_version": self.model_version + "-pending", "job": job_id}
-        self.propagate(state)
+        self._keep(state)
+
+        def work() -> None:
+            try:
+                self.propagate(state)
+            except Exception:
+                self.drop(task_id)  # a half-propagated session must not be served later
+                raise
+
+        self.guard_oom(task_id, work)
         return self.prediction(state)
 
+    def drop(self, task_id: int) -> None:
+        with self._sessions_lock:
+            self.sessions.pop(task_id, None)
+
     # -- corrections ------------------------------------------------------------------------
-    def state_for(self, task: dict, cfg: LabelConfig) -> TaskState:
+    def state_for(self, task: dict, cfg: LabelConfig, progress: Progress | None = None) -> TaskState:
+        """The task's session, propagated to the end: the one held here, or rebuilt from the task
+        (after a restart, an eviction, or in a worker that has not seen the task)."""
         task_id = int(task.get("id") or 0)
         state = self.held(task_id)
-        if state is None:  # a restart or an evicted session: rebuild from Label Studio's data
+        if state is None:
             state = self.build(task, cfg)
             if state is None:
                 raise TaskError(f"task {task_id} has no region to start from: draw the objects first")
-            self.propagate(state)
             self._keep(state)
+        if progress is not None and hasattr(progress, "total"):
+            progress.total = len(state.frames) - len(state.session.records)  # known only now in a worker
+        try:
+            self.propagate(state, progress)
+        except Exception:
+            self.drop(task_id)
+            raise
         return state
 
     def object_for(self, state: TaskState, frame: int, label: str | None, point: tuple[float, float] | None) -> int:
@@ -448,17 +535,22 @@ class LazyXMemModel:
                     out[(t, value)] = Correction(box=box)
         return out
 
+    def apply_corrections(self, state: TaskState, corrections: dict[tuple[int, int], Correction],
+                          progress: Progress | None = None) -> None:
+        with state.lock:
+            state.session.correct(corrections, progress=progress)
+            state.revision += 1
+
     def schedule_correction(self, state: TaskState, corrections: dict[tuple[int, int], Correction]) -> str:
-        """Re-propagate after corrections in the background and post the new prediction."""
+        """Re-propagate after corrections (final masks) in the background and post the new prediction."""
         first = min(t for t, _ in corrections)
-
-        def job(progress: Callable[[int], None]) -> None:
-            with state.lock:
-                state.session.correct(corrections, progress=progress)
-                state.revision += 1
-            self.post_prediction(state)
-
-        job_id = self.jobs.submit("correct", state.task_id, len(state.frames) - first, job)
+        if self.settings.redis_url:
+            # Another process may take the job and rebuild the session from the task: it needs every
+            # correction made so far, not only this one.
+            state.corrections.update(corrections)
+            corrections = dict(state.corrections)
+        job_id = self.submit("correct", state.task, state.label_config, len(state.frames) - first,
+                             corrections=corrections)
         log.info("task %s: correction on frame(s) %s, re-propagating from %d (job %s)", state.task_id,
                  sorted({t + 1 for t, _ in corrections}), first + 1, job_id)
         return job_id
@@ -471,7 +563,9 @@ class LazyXMemModel:
         if not task.get("id"):
             raise TaskError("webhook payload has no task")
         cfg = parse_label_config(project.get("label_config") or "")
-        state = self.held(int(task["id"]))
+        # With Redis the job carries the annotation itself: whichever worker takes it rebuilds the
+        # prediction and compares, so every edit so far counts, wherever earlier jobs ran.
+        state = None if self.settings.redis_url else self.held(int(task["id"]))
         if state is None:
             # A restart or an evicted session: rebuilding means propagating the whole video, which
             # does not belong inside the webhook call. The annotation that fired the webhook must
@@ -481,26 +575,61 @@ class LazyXMemModel:
             if not self.annotation_results(base):
                 base["annotations"] = [annotation]
 
-            def rebuild(progress: Callable[[int], None]) -> None:
-                self.apply_annotation(self.state_for(base, cfg), annotation)
-
-            job = self.jobs.submit("rebuild", int(task["id"]), 0, rebuild)
+            job = self.submit("annotation", base, cfg.xml, 0, annotation=annotation)
             return {"status": "rebuilding", "job": job}
         return self.apply_annotation(state, annotation)
 
+    def annotation_corrections(self, state: TaskState, annotation: dict) -> dict[tuple[int, int], Correction]:
+        """The frames where ``annotation`` differs from the prediction, as final masks."""
+        results = annotation.get("result") or []
+        if state.cfg.mode == "images":
+            corrections = self.image_edits(state, results)
+        else:
+            corrections = self.video_box_edits(state, results)
+        return {(t, value): Correction(mask=self.correction_mask(state, t, value, corr))
+                for (t, value), corr in corrections.items()}
+
     def apply_annotation(self, state: TaskState, annotation: dict) -> dict:
         """The frames where ``annotation`` differs from the prediction become corrections."""
-        cfg = state.cfg
-        if cfg.mode == "images":
-            corrections = self.image_edits(state, annotation.get("result") or [])
-        else:
-            corrections = self.video_box_edits(state, annotation.get("result") or [])
-        if not corrections:
+        refined = self.annotation_corrections(state, annotation)
+        if not refined:
             return {"status": "no change"}
-        refined = {(t, value): Correction(mask=self.correction_mask(state, t, value, corr))
-                   for (t, value), corr in corrections.items()}
         job = self.schedule_correction(state, refined)
         return {"status": "re-propagating", "job": job, "frames": sorted({t + 1 for t, _ in refined})}
+
+    # -- pre-annotation on import -------------------------------------------------------------------
+    def full_task(self, task_id: int) -> dict:
+        """A task with its annotations, from the Label Studio API."""
+        task = self.ls_client().tasks.get(id=str(task_id))
+        return task.model_dump(mode="json") if hasattr(task, "model_dump") else dict(task)
+
+    def preannotate(self, tasks: list[dict], label_config: str) -> dict:
+        """Queue a propagation job for each task that carries initial regions; skip the others."""
+        parse_label_config(label_config)  # a config we cannot serve fails here, not in every job
+        jobs, skipped = {}, []
+        for task in tasks:
+            if not initial_regions(task) and task.get("id") and self.settings.ls_url and self.settings.api_key:
+                task = self.full_task(int(task["id"]))  # webhook tasks come without annotations
+            if not initial_regions(task):
+                skipped.append(task.get("id"))
+                continue
+            data = task.get("data") or {}
+            frames = next((len(v) for v in data.values() if isinstance(v, list)), 0)
+            jobs[task["id"]] = self.submit("propagate", task, label_config, frames)
+        log.info("pre-annotation: %d task(s) queued, %d without regions skipped", len(jobs), len(skipped))
+        return {"status": "queued", "jobs": jobs, "skipped": skipped}
+
+    def on_tasks_created(self, payload: dict) -> dict:
+        """TASKS_CREATED (an import): pre-annotate the tasks that carry regions."""
+        if not self.settings.preannotate_on_import:
+            return {"status": "ignored", "reason": "PREANNOTATE_ON_IMPORT is off"}
+        project = payload.get("project") or {}
+        config = project.get("label_config") or self.label_configs.get(str(project.get("id", "")))
+        if not config:
+            raise TaskError(f"TASKS_CREATED for project {project.get('id')} without its label config: "
+                            "connect the backend to the project (it calls /setup) and import again")
+        tasks = [t for t in payload.get("tasks") or [] if isinstance(t, dict)]
+        return self.preannotate(tasks, config)
 
     def image_edits(self, state: TaskState, results: list[dict], min_iou: float = 0.97) -> dict[tuple[int, int], Correction]:
         """Brush masks that differ from the predicted mask of their object on that item."""

@@ -8,7 +8,7 @@ import json
 import threading
 import time
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
@@ -20,47 +20,13 @@ from backend.app import create_app
 from backend.convert import decode_brush, frame_ranges, keyframes
 from backend.model import BackendSettings
 from lazyxmem_core.engines import EngineSettings
+from fake_ls import TOKEN, FakeLabelStudio
 from synthetic import make_video
 
-TOKEN = "t" * 40
 VIDEO_CFG = Path("backend/configs/video.xml").read_text()
 IMAGES_CFG = Path("backend/configs/image_sequence.xml").read_text()
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"ann:pw").decode()}
 H, W, N = 72, 96, 14
-
-
-class FakeLabelStudio(BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
-    posted: list[dict] = []
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        if self.path.startswith("/redirect"):
-            self.send_response(302)
-            self.send_header("Location", "http://example.invalid/x.avi")
-            self.end_headers()
-            return
-        if self.headers.get("Authorization") != f"Token {TOKEN}":
-            self.send_response(401)
-            self.end_headers()
-            return
-        body = self.files.get(self.path)
-        self.send_response(200 if body is not None else 404)
-        self.send_header("Content-Length", str(len(body or b"")))
-        self.end_headers()
-        self.wfile.write(body or b"")
-
-    def do_POST(self):
-        data = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        self.posted.append({"path": self.path, "json": data})
-        out = json.dumps({"id": len(self.posted), **data}).encode()
-        self.send_response(201)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
 
 
 @pytest.fixture(scope="module")

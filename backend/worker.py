@@ -1,0 +1,115 @@
+"""``lazyxmem worker``: an RQ worker that runs propagation jobs with one model per process.
+
+Jobs run in the worker's own process (no fork per job), so the engines load once and keep their
+GPU memory, and sessions stay cached between jobs of the same task. A heartbeat thread renews
+the job's lease while it runs: when a worker dies (SIGKILL, OOM killer, lost host), the lease
+lapses after ``heartbeat + grace`` seconds and a surviving worker's maintenance requeues the job.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from rq import Queue, SimpleWorker, get_current_job
+from rq.job import Job
+from rq.worker import WorkerStatus
+
+from lazyxmem_core.errors import LazyXMemError
+
+from .jobs import QUEUE_NAME, JobSpec, ProgressMeter
+
+log = logging.getLogger("lazyxmem.worker")
+
+_model: Any = None
+_model_lock = threading.Lock()
+
+
+def model() -> Any:
+    """This process's one model instance (engines load on first use and stay)."""
+    global _model
+    with _model_lock:
+        if _model is None:
+            from .model import LazyXMemModel
+
+            _model = LazyXMemModel()
+        return _model
+
+
+def run_job(spec: JobSpec, total: int) -> dict:
+    """The function RQ calls. Bad input (a task that cannot be served) ends the job with the
+    error in its status rather than a retry: retrying would fail the same way."""
+    job = get_current_job()
+    meta_lock = threading.Lock()
+
+    def publish(values: dict) -> None:
+        if job is None:
+            return
+        with meta_lock:
+            job.meta.update(values)
+            job.save_meta()
+
+    if job is not None:
+        publish({"attempts": int(job.meta.get("attempts", 0)) + 1, "worker": job.worker_name or socket.gethostname(),
+                 "done": 0, "error": None})
+    meter = ProgressMeter(job.id if job else spec.key, spec.task_id, total, publish=publish)
+    log.info("task %s: %s job %s started (attempt %s)", spec.task_id, spec.kind, spec.key,
+             job.meta.get("attempts") if job else 1)
+    try:
+        out = model().run_job(spec, meter)
+    except LazyXMemError as exc:
+        log.error("task %s: %s job %s cannot be done: %s", spec.task_id, spec.kind, spec.key, exc)
+        publish({"error": str(exc)})
+        return {"posted": False, "error": str(exc)}
+    publish({"done": meter.done, "fps": meter.fps})
+    return out
+
+
+class LazyXMemWorker(SimpleWorker):
+    """A SimpleWorker whose running job keeps a short, renewed lease (see the module docstring)."""
+
+    grace_s = 30
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return int(self.job_monitoring_interval + self.grace_s)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.job_monitoring_interval):
+                try:
+                    self.maintain_heartbeats(job, execution)
+                except Exception:  # a missed beat only shortens the lease; the next one may pass
+                    log.warning("worker %s: heartbeat for job %s failed", self.name, job.id, exc_info=True)
+
+        beat = threading.Thread(target=renew, name="lazyxmem-heartbeat", daemon=True)
+        beat.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            stop.set()
+            beat.join()
+        self.set_state(WorkerStatus.IDLE)
+
+
+def work(redis_url: str, name: str | None = None, burst: bool = False, heartbeat_s: int = 10,
+         grace_s: int = 30, maintenance_s: int = 30, preload: bool = True) -> None:
+    """Run a worker on the ``lazyxmem`` queue until stopped (or, with ``burst``, until it is empty)."""
+    from redis import Redis
+
+    connection = Redis.from_url(redis_url)
+    if preload:
+        m = model()
+        m.refiner()  # load the weights now, not inside the first job
+        log.info("worker %s: model %s ready on %s", name or socket.gethostname(), m.model_version,
+                 m.settings.engine.device)
+    worker = LazyXMemWorker([Queue(QUEUE_NAME, connection=connection)], connection=connection, name=name,
+                            job_monitoring_interval=heartbeat_s, maintenance_interval=maintenance_s,
+                            # the idle loop wakes every worker_ttl - 15 s; maintenance runs there
+                            worker_ttl=max(maintenance_s, 1) + 15)
+    worker.grace_s = grace_s
+    worker.work(burst=burst, with_scheduler=False, logging_level=os.environ.get("LOG_LEVEL") or "INFO")

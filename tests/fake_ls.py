@@ -1,0 +1,64 @@
+"""A local stand-in for Label Studio's API: serves task media (token required), records the
+predictions posted back and lists them, the way label-studio-sdk calls them."""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+TOKEN = "t" * 40
+
+
+class FakeLabelStudio(BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    posted: list[dict] = []
+    lock = threading.Lock()
+
+    def log_message(self, *args):
+        pass
+
+    def _json(self, status: int, obj) -> None:
+        out = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def do_GET(self):
+        if self.path.startswith("/redirect"):
+            self.send_response(302)
+            self.send_header("Location", "http://example.invalid/x.avi")
+            self.end_headers()
+            return
+        if self.headers.get("Authorization") != f"Token {TOKEN}":
+            self.send_response(401)
+            self.end_headers()
+            return
+        url = urlsplit(self.path)
+        if url.path.rstrip("/") == "/api/predictions":
+            task = parse_qs(url.query).get("task", [None])[0]
+            with self.lock:
+                preds = [{"id": i + 1, **p["json"]} for i, p in enumerate(self.posted)
+                         if p["path"].startswith("/api/predictions") and (task is None or str(p["json"].get("task")) == task)]
+            self._json(200, preds)
+            return
+        body = self.files.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def do_POST(self):
+        data = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        with self.lock:
+            self.posted.append({"path": self.path, "json": data})
+            n = len(self.posted)
+        self._json(201, {"id": n, **data})
+
+
+def serve() -> tuple[ThreadingHTTPServer, str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeLabelStudio)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"

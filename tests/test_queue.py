@@ -1,0 +1,213 @@
+"""Jobs on RQ over a real Redis (Debian's redis-server), with two `lazyxmem worker` processes.
+
+Shows the deployment's guarantees: jobs spread over both workers, a worker killed with SIGKILL
+mid-job does not lose its job, and duplicated jobs post their prediction once. The workers post
+to a local stand-in for Label Studio's API, which counts the posts.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from backend.jobs import JobSpec, RedisQueue
+from lazyxmem_core import __version__
+from fake_ls import TOKEN, FakeLabelStudio, serve
+from synthetic import make_video
+
+VIDEO_CFG = Path("backend/configs/video.xml").read_text()
+WORKER_VERSION = f"lazyxmem-{__version__}-embedded"  # what the workers' engines post under
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.2):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    exe = shutil.which("redis-server")
+    assert exe, "redis-server is missing: `make test` installs it (Debian package redis-server)"
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from redis import Redis
+
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_until(lambda: _ping(Redis.from_url(url)), 10, "redis-server to answer")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def _ping(r) -> bool:
+    try:
+        return bool(r.ping())
+    except Exception:
+        return False
+
+
+def write_video(path: Path, n: int, size: tuple[int, int], seed: int):
+    video = make_video(n_frames=n, size=size, radius=size[0] // 6, seed=seed)
+    h, w = size
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
+    for f in video.frames:
+        out.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    out.release()
+    FakeLabelStudio.files[f"/data/upload/9/{path.name}"] = path.read_bytes()
+    return video
+
+
+def task_for(task_id: int, name: str, video, size: tuple[int, int]) -> dict:
+    h, w = size
+    ys, xs = np.nonzero(video.masks[0] == 1)
+    kf = {"frame": 1, "x": 100 * xs.min() / w, "y": 100 * ys.min() / h, "width": 100 * (xs.max() + 1 - xs.min()) / w,
+          "height": 100 * (ys.max() + 1 - ys.min()) / h, "rotation": 0, "enabled": True}
+    region = {"id": "r1", "from_name": "box", "to_name": "video", "type": "videorectangle",
+              "value": {"sequence": [kf], "labels": ["Object"]}}
+    return {"id": task_id, "data": {"video": f"/data/upload/9/{name}"},
+            "annotations": [{"id": 1000 + task_id, "result": [region]}]}
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_url):
+    """The stand-in for Label Studio, its videos, and a way to start `lazyxmem worker` processes."""
+    server, ls_url = serve()
+    folder = Path(tempfile.mkdtemp(prefix="lazyxmem-queue-"))
+    short = (72, 96)
+    tasks = {}
+    for i in range(6):
+        name = f"short{i}.avi"
+        tasks[100 + i] = task_for(100 + i, name, write_video(folder / name, 24, short, seed=i), short)
+    long_size = (180, 240)
+    tasks[200] = task_for(200, "long.avi", write_video(folder / "long.avi", 160, long_size, seed=7), long_size)
+    env = {**os.environ, "REDIS_URL": redis_url, "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": TOKEN,
+           "LAZYXMEM_ENGINE": "embedded", "LAZYXMEM_REFINER": "embedded", "CACHE_DIR": str(folder / "cache"),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name: str) -> subprocess.Popen:
+        log = open(folder / f"{name}.log", "ab")
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "backend.cli", "worker", "--name", name, "--heartbeat", "1", "--grace", "3",
+             "--maintenance", "2"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        return procs[name]
+
+    def live_workers() -> set[str]:
+        from rq import Worker
+
+        return {w.name for w in Worker.all(connection=RedisQueue(redis_url).redis)}
+
+    for name in ("worker-a", "worker-b"):
+        start(name)
+    wait_until(lambda: {"worker-a", "worker-b"} <= live_workers(), 60, "two registered workers")
+    yield {"ls_url": ls_url, "tasks": tasks, "start": start, "procs": procs, "live": live_workers,
+           "folder": folder, "queue": RedisQueue(redis_url)}
+    for p in procs.values():
+        if p.poll() is None:
+            p.terminate()
+    for p in procs.values():
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    server.shutdown()
+
+
+def posts_for(task_id: int) -> list[dict]:
+    with FakeLabelStudio.lock:
+        return [p["json"] for p in FakeLabelStudio.posted
+                if p["path"].startswith("/api/predictions") and p["json"].get("task") == task_id]
+
+
+def spec(task: dict) -> JobSpec:
+    return JobSpec("propagate", task, VIDEO_CFG, "lazyxmem-test-embedded")
+
+
+def finished(queue: RedisQueue, job_id: str) -> dict | None:
+    status = queue.status(job_id)
+    return status if status and status["status"] in ("finished", "failed") else None
+
+
+def test_jobs_spread_over_both_workers_and_each_posts_once(cluster):
+    queue = cluster["queue"]
+    ids = [queue.submit(spec(cluster["tasks"][100 + i]), 24) for i in range(6)]
+    assert len(set(ids)) == 6
+    done = [wait_until(lambda j=j: finished(queue, j), 120, f"job {j}") for j in ids]
+    assert all(d["status"] == "finished" and d["done"] == 24 and d["total"] == 24 for d in done), done
+    assert {d["worker"] for d in done} == {"worker-a", "worker-b"}, "both workers take jobs"
+    for i in range(6):
+        posted = posts_for(100 + i)
+        assert len(posted) == 1 and posted[0]["model_version"] == WORKER_VERSION
+        assert any(r["type"] == "videorectangle" for r in posted[0]["result"])
+
+
+def test_duplicated_jobs_post_once(cluster):
+    queue = cluster["queue"]
+    task = cluster["tasks"][105]
+    before = len(posts_for(105))  # posted once by the test above
+    copy = spec({**task, "annotations": [dict(task["annotations"][0], id=4242)]})
+    assert copy.key == spec(task).key, "the key is the content (task, version, regions), not the annotation's id"
+    fresh = JobSpec("propagate", task, VIDEO_CFG, "lazyxmem-test-embedded-v2")  # a new model version: new work
+    assert fresh.key != spec(task).key
+    ids = {queue.submit(fresh, 24) for _ in range(3)}
+    assert len(ids) == 1 and len(queue.queue) <= 1
+    job_id = ids.pop()
+    wait_until(lambda: finished(queue, job_id), 60, "the duplicated job")
+    assert queue.submit(fresh, 24) == job_id  # done already: not queued again
+    time.sleep(1.0)
+    assert len(queue.queue) == 0
+    # The job record expires (or is deleted) and the same work arrives again: it runs, but the
+    # ledger knows its prediction was posted.
+    from rq.job import Job
+
+    Job.fetch(job_id, connection=queue.redis).delete()
+    deleted_at = time.time()
+    assert queue.submit(fresh, 24) == job_id
+    status = wait_until(lambda: finished(queue, job_id), 60, "the re-run job")
+    assert status["status"] == "finished" and status["started"] >= deleted_at - 1 and status["worker"]
+    assert len(posts_for(105)) == before + 1, "three submissions and a re-run: one post"
+
+
+def test_worker_killed_mid_job_does_not_lose_the_job(cluster):
+    queue = cluster["queue"]
+    job_id = queue.submit(spec(cluster["tasks"][200]), 160)
+
+    def running():
+        s = queue.status(job_id)
+        return s if s and s["status"] == "running" and 0 < s["done"] < 160 else None
+
+    first = wait_until(running, 60, "the long job to be under way", interval=0.05)
+    victim = cluster["procs"][first["worker"]]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(10)
+    assert not posts_for(200), "killed before it could post"
+    # The lease lapses (heartbeat 1 s + grace 3 s) and the surviving worker requeues and runs it.
+    status = wait_until(lambda: finished(queue, job_id), 120, "the retried job")
+    assert status["status"] == "finished", status
+    assert status["worker"] != first["worker"] and status["attempts"] == 2 and status["done"] == 160
+    posted = posts_for(200)
+    assert len(posted) == 1 and any(r["type"] == "videorectangle" for r in posted[0]["result"])
+    cluster["start"](first["worker"])  # back to two workers for anything after
