@@ -16,7 +16,11 @@ log = logging.getLogger("lazyxmem")
 
 def cmd_preannotate(args: argparse.Namespace) -> int:
     """Queue every task of a project that carries regions, wait for the predictions to be posted."""
+    import httpx
+    from label_studio_sdk.core.api_error import ApiError
     from tqdm import tqdm
+
+    from lazyxmem_core.errors import LazyXMemError
 
     from .model import BackendSettings, LazyXMemModel
 
@@ -25,9 +29,15 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
                        redis_url=args.redis_url or settings.redis_url)
     model = LazyXMemModel(settings)
     client = model.ls_client()
-    project = client.projects.get(id=args.project)
-    tasks = [t.model_dump(mode="json") if hasattr(t, "model_dump") else dict(t)
-             for t in client.tasks.list(project=args.project, fields="all")]
+    try:
+        project = client.projects.get(id=args.project)
+        tasks = [t.model_dump(mode="json") if hasattr(t, "model_dump") else dict(t)
+                 for t in client.tasks.list(project=args.project, fields="all")]
+    except ApiError as exc:
+        raise LazyXMemError(f"Label Studio at {settings.ls_url} answered HTTP {exc.status_code} for project "
+                            f"{args.project}: {str(exc.body)[:200]}; check the project id and the API key") from None
+    except (httpx.HTTPError, OSError) as exc:
+        raise LazyXMemError(f"cannot reach Label Studio at {settings.ls_url} ({exc}): check LABEL_STUDIO_URL") from None
     out = model.preannotate(tasks, project.label_config)
     jobs: dict[Any, str] = out["jobs"]
     print(f"project {args.project}: {len(jobs)} task(s) queued, {len(out['skipped'])} without regions skipped"

@@ -270,8 +270,12 @@ class LazyXMemModel:
 
         return LabelStudio(base_url=self.settings.ls_url, api_key=self.settings.api_key)
 
-    def post_prediction(self, state: TaskState, job_id: str | None = None) -> bool:
-        """Post the task's current prediction through the Label Studio API, once per job id."""
+    def post_prediction(self, state: TaskState, job_id: str | None = None, unless_present: bool = False) -> bool:
+        """Post the task's current prediction through the Label Studio API, once per job id.
+
+        ``unless_present``: not when Label Studio holds a prediction of this model version for the
+        task already (on import, LS may call /predict itself while the TASKS_CREATED job runs).
+        """
         pred = self.prediction(state)
         if not (self.settings.ls_url and self.settings.api_key):
             log.warning("task %s: prediction ready but LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are not set", state.task_id)
@@ -290,6 +294,10 @@ class LazyXMemModel:
         if job_id is None:
             post()
             return True
+        if unless_present and already_posted():
+            log.info("task %s: Label Studio has a %s prediction already; job %s posts nothing", state.task_id,
+                     pred["model_version"], job_id)
+            return False
         posted = self.ledger.post_once(job_id, post, already_posted)
         if not posted:
             log.info("task %s: job %s posted its prediction already; not posting again", state.task_id, job_id)
@@ -318,7 +326,7 @@ class LazyXMemModel:
                     log.info("task %s: the annotation changes no frame; nothing to re-propagate", spec.task_id)
                     return {"posted": False, "frames": []}
                 self.apply_corrections(state, corrections, progress)
-            posted = self.post_prediction(state, job_id=spec.key)
+            posted = self.post_prediction(state, job_id=spec.key, unless_present=spec.kind == "propagate")
             return {"posted": posted, "review_frames": [t + 1 for t in state.session.review_frames]}
 
         return self.guard_oom(spec.task_id, work)
@@ -371,6 +379,10 @@ class LazyXMemModel:
 
     def _predict_one(self, task: dict, cfg: LabelConfig, deadline: float) -> dict:
         task_id = int(task.get("id") or 0)
+        return self.guard_oom(task_id, lambda: self._predict_now(task, cfg, deadline))
+
+    def _predict_now(self, task: dict, cfg: LabelConfig, deadline: float) -> dict:
+        task_id = int(task.get("id") or 0)
         state = self.build(task, cfg)
         if state is None:
             log.info("task %s: no region to start from; empty prediction", task_id)
@@ -387,15 +399,11 @@ class LazyXMemModel:
             log.info("task %s: %d frames run in the background (job %s)", task_id, len(state.frames), job_id)
             return {"result": [], "score": 0.0, "model_version": self.model_version + "-pending", "job": job_id}
         self._keep(state)
-
-        def work() -> None:
-            try:
-                self.propagate(state)
-            except Exception:
-                self.drop(task_id)  # a half-propagated session must not be served later
-                raise
-
-        self.guard_oom(task_id, work)
+        try:
+            self.propagate(state)
+        except Exception:
+            self.drop(task_id)  # a half-propagated session must not be served later
+            raise
         return self.prediction(state)
 
     def drop(self, task_id: int) -> None:

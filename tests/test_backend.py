@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from label_studio_sdk.converter.brush import mask2rle
 
 from backend.app import create_app
@@ -314,3 +315,79 @@ def test_a_distractor_crossing_puts_needs_review_spans_on_the_timeline(client, f
     assert review and pred["review_frames"] == [t + 1 for t in review]
     spans = [x for x in pred["result"] if x["type"] == "timelinelabels" and x["value"]["timelinelabels"] == ["Needs review"]]
     assert spans and {t + 1 for t in review} <= {f for rg in spans[0]["value"]["ranges"] for f in range(rg["start"], rg["end"] + 1)}
+
+
+def test_tasks_created_queues_the_tasks_with_regions_and_posts_their_predictions(client, fake_ls):
+    _, video = fake_ls
+    with_regions = video_task(video, task_id=31)
+    without = {"id": 32, "data": {"video": "/data/upload/1/v.avi"}, "annotations": []}
+    client.model.settings = BackendSettings(**{**client.model.settings.__dict__, "api_key": None})  # no API lookups
+    payload = {"action": "TASKS_CREATED", "project": {"id": 3, "label_config": VIDEO_CFG}, "tasks": [with_regions, without]}
+    r = client.post("/webhook", json=payload)  # LS sends webhooks without credentials
+    assert r.status_code == 200 and r.json["status"] == "queued", r.json
+    assert list(r.json["jobs"]) == ["31"] and r.json["skipped"] == [32]
+    jobs = wait_jobs(client)
+    assert [j["status"] for j in jobs] == ["finished"] and jobs[0]["done"] == N
+    assert client.model.held(31) is not None and len(client.model.held(31).session.records) == N
+    # The same import announced twice is the same job: nothing runs or posts again.
+    again = client.post("/webhook", json=payload).json
+    assert again["jobs"] == r.json["jobs"] and len(wait_jobs(client)) == 1
+    bad = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 77}, "tasks": [with_regions]})
+    assert bad.status_code == 422 and "label config" in bad.json["error"]
+
+
+def test_tasks_created_can_be_switched_off(client, fake_ls):
+    _, video = fake_ls
+    client.model.settings = BackendSettings(**{**client.model.settings.__dict__, "preannotate_on_import": False})
+    payload = {"action": "TASKS_CREATED", "project": {"id": 3, "label_config": VIDEO_CFG}, "tasks": [video_task(video)]}
+    r = client.post("/webhook", json=payload)
+    assert r.status_code == 200 and r.json["status"] == "ignored" and not client.model.jobs.jobs
+
+
+class _OomOnCuda:
+    """Stands in for a propagator on a GPU that is out of memory; CPU runs are real."""
+
+    def __init__(self, model, real_build):
+        self.model, self.real_build = model, real_build
+
+    def __call__(self, settings):
+        prop = self.real_build(settings)
+        if settings.device == "cuda":
+            def step(*a, **k):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            prop.step = step
+        return prop
+
+
+def test_cuda_out_of_memory_gives_a_clear_error_and_the_server_keeps_serving(client, fake_ls, monkeypatch, caplog):
+    import backend.model as model_module
+
+    _, video = fake_ls
+    model = client.model
+    model.settings = BackendSettings(**{**model.settings.__dict__,
+                                        "engine": EngineSettings(engine="embedded", refiner="embedded", device="cuda")})
+    monkeypatch.setattr(model_module, "build_propagator", _OomOnCuda(model, model_module.build_propagator))
+    r = predict(client, [video_task(video, task_id=41)], VIDEO_CFG)
+    assert r.status_code == 422 and "ran out of memory" in r.json["error"] and "CPU_FALLBACK" in r.json["error"]
+    assert "task 41" in r.json["error"] and model.held(41) is None  # no half-propagated session is kept
+    assert any("task 41" in rec.getMessage() and "out of memory" in rec.getMessage() for rec in caplog.records)
+    assert client.get("/health").status_code == 200
+
+    model.settings = BackendSettings(**{**model.settings.__dict__, "cpu_fallback": True})
+    r = predict(client, [video_task(video, task_id=42)], VIDEO_CFG)
+    assert r.status_code == 200 and any(x["type"] == "videorectangle" for x in r.json["results"][0]["result"])
+    assert model.settings.engine.device == "cpu"  # later tasks stay on the CPU
+
+
+def test_a_background_job_out_of_memory_fails_with_the_reason(client, fake_ls, monkeypatch):
+    import backend.model as model_module
+
+    _, video = fake_ls
+    model = client.model
+    model.settings = BackendSettings(**{**model.settings.__dict__, "sync_budget_s": 0.0,
+                                        "engine": EngineSettings(engine="embedded", refiner="embedded", device="cuda")})
+    monkeypatch.setattr(model_module, "build_propagator", _OomOnCuda(model, model_module.build_propagator))
+    job_id = predict(client, [video_task(video, task_id=43)], VIDEO_CFG).json["results"][0]["job"]
+    wait_jobs(client)
+    job = client.get(f"/jobs/{job_id}", headers=AUTH).json
+    assert job["status"] == "failed" and "ran out of memory" in job["error"]
