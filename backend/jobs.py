@@ -54,6 +54,7 @@ class JobSpec:
     model_version: str
     corrections: dict[tuple[int, int], Correction] = field(default_factory=dict)
     annotation: dict | None = None
+    revision: int = 0  # correction round, named in the posted prediction's version ("-r2")
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

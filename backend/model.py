@@ -59,6 +59,12 @@ def is_cuda_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
 
 
+def _same(a: Correction | None, b: Correction) -> bool:
+    if a is None or (a.mask is None) != (b.mask is None) or a.clicks != b.clicks or a.box != b.box:
+        return False
+    return a.mask is None or np.array_equal(np.asarray(a.mask, bool), np.asarray(b.mask, bool))
+
+
 @dataclass(frozen=True)
 class BackendSettings:
     ls_url: str | None = None
@@ -113,7 +119,9 @@ class TaskState:
     task: dict = field(default_factory=dict)  # as Label Studio sent it: what a job needs to rebuild this
     label_config: str = ""
     revision: int = 0
-    corrections: dict[tuple[int, int], Correction] = field(default_factory=dict)  # sent so far
+    corrections: dict[tuple[int, int], Correction] = field(default_factory=dict)  # sent to jobs so far
+    applied: dict[tuple[int, int], Correction] = field(default_factory=dict)  # in this session
+    rounds: int = 0  # correction rounds sent: the "-rN" of the predictions they give
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def masks(self) -> list[np.ndarray]:
@@ -319,7 +327,7 @@ class LazyXMemModel:
         def work() -> dict:
             state = self.state_for(spec.task, cfg, progress)
             if spec.kind == "correct":
-                self.apply_corrections(state, spec.corrections, progress)
+                self.apply_corrections(state, spec.corrections, progress, spec.revision)
             elif spec.kind == "annotation":
                 corrections = self.annotation_corrections(state, spec.annotation or {})
                 if not corrections:
@@ -544,21 +552,26 @@ class LazyXMemModel:
         return out
 
     def apply_corrections(self, state: TaskState, corrections: dict[tuple[int, int], Correction],
-                          progress: Progress | None = None) -> None:
+                          progress: Progress | None = None, revision: int = 0) -> None:
+        """Apply the corrections this session has not applied yet (a job carries all of them, so
+        a session rebuilt elsewhere gets every one, and a session that has them redoes nothing)."""
         with state.lock:
-            state.session.correct(corrections, progress=progress)
-            state.revision += 1
+            new = {k: c for k, c in corrections.items() if not _same(state.applied.get(k), c)}
+            if not new:
+                return
+            state.session.correct(new, progress=progress)
+            state.applied.update(new)
+            state.revision = revision or state.revision + 1
 
     def schedule_correction(self, state: TaskState, corrections: dict[tuple[int, int], Correction]) -> str:
         """Re-propagate after corrections (final masks) in the background and post the new prediction."""
         first = min(t for t, _ in corrections)
-        if self.settings.redis_url:
-            # Another process may take the job and rebuild the session from the task: it needs every
-            # correction made so far, not only this one.
-            state.corrections.update(corrections)
-            corrections = dict(state.corrections)
+        # The job may run on a session rebuilt from the task (another worker, an eviction): it
+        # carries every correction made so far, not only this one.
+        state.corrections.update(corrections)
+        state.rounds += 1
         job_id = self.submit("correct", state.task, state.label_config, len(state.frames) - first,
-                             corrections=corrections)
+                             corrections=dict(state.corrections), revision=state.rounds)
         log.info("task %s: correction on frame(s) %s, re-propagating from %d (job %s)", state.task_id,
                  sorted({t + 1 for t, _ in corrections}), first + 1, job_id)
         return job_id

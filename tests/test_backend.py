@@ -391,3 +391,27 @@ def test_a_background_job_out_of_memory_fails_with_the_reason(client, fake_ls, m
     wait_jobs(client)
     job = client.get(f"/jobs/{job_id}", headers=AUTH).json
     assert job["status"] == "failed" and "ran out of memory" in job["error"]
+
+
+def test_a_correction_job_on_a_rebuilt_session_carries_every_earlier_correction(client, fake_ls):
+    from lazyxmem_core.types import Correction
+
+    _, video = fake_ls
+    assert predict(client, [images_task(video)], IMAGES_CFG).status_code == 200
+    model = client.model
+    state = model.held(2)
+    first, second = np.zeros((H, W), bool), np.zeros((H, W), bool)
+    first[10:30, 10:40] = True
+    second[30:60, 50:90] = True
+    model.schedule_correction(state, {(4, 1): Correction(mask=first)})
+    wait_jobs(client)
+    assert model.held(2) is state and (state.masks()[4] == 1).tolist() == first.tolist()
+    model.drop(2)  # evicted here, or the next job lands on another worker
+    model.schedule_correction(state, {(9, 1): Correction(mask=second)})
+    jobs = wait_jobs(client)
+    assert all(j["status"] == "finished" for j in jobs), jobs
+    rebuilt = model.held(2)
+    assert rebuilt is not state and rebuilt.revision == 2  # both corrections in one pass, named round 2
+    assert (rebuilt.masks()[4] == 1).tolist() == first.tolist() and (rebuilt.masks()[9] == 1).tolist() == second.tolist()
+    posted = [p["json"] for p in FakeLabelStudio.posted if p["path"].startswith("/api/predictions")]
+    assert [p["model_version"].rsplit("-", 1)[-1] for p in posted[-2:]] == ["r1", "r2"]
