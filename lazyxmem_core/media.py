@@ -105,7 +105,8 @@ class VideoFrames(FrameSequence):
         if not cap.isOpened():
             raise MediaError(f"cannot decode video {self.path}: OpenCV could not open it (unsupported or damaged file)")
         self.fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) or 25.0
-        self._tmp = tempfile.NamedTemporaryFile(prefix="lazyxmem-frames-", suffix=".raw", dir=workdir, delete=True)
+        # An anonymous file (unlinked at once): the kernel frees it when the process ends, even on SIGKILL.
+        self._tmp = tempfile.TemporaryFile(prefix="lazyxmem-frames-", suffix=".raw", dir=workdir)
         count, shape = 0, None
         try:
             while True:
@@ -125,7 +126,7 @@ class VideoFrames(FrameSequence):
         if count == 0 or shape is None:
             raise MediaError(f"cannot decode video {self.path}: no frame could be read (unsupported codec or not a video)")
         self._tmp.flush()
-        self._frames = np.memmap(self._tmp.name, dtype=np.uint8, mode="r", shape=(count, *shape))
+        self._frames = np.memmap(self._tmp, dtype=np.uint8, mode="r", shape=(count, *shape))
 
     def __len__(self) -> int:
         return self._frames.shape[0]
