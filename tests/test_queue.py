@@ -189,6 +189,35 @@ def test_duplicated_jobs_post_once(cluster):
     assert len(posts_for(150)) == 1, "three submissions and a re-run: one post"
 
 
+def test_backend_queues_long_videos_on_redis_and_reports_worker_progress(cluster, redis_url, tmp_path):
+    from backend.app import create_app
+    from backend.model import BackendSettings
+    from lazyxmem_core.engines import EngineSettings
+
+    settings = BackendSettings(ls_url=cluster["ls_url"], api_key=TOKEN, cache_dir=str(tmp_path / "cache"),
+                               redis_url=redis_url, sync_budget_s=0.0,
+                               engine=EngineSettings(engine="embedded", refiner="embedded"))
+    client = create_app(settings).test_client()
+    task = {**cluster["tasks"][101], "id": 160}
+    r = client.post("/predict", json={"tasks": [task], "label_config": VIDEO_CFG, "params": {"context": None}})
+    assert r.status_code == 200, r.json
+    answer = r.json["results"][0]
+    assert answer["model_version"].endswith("-pending") and answer["result"] == []
+    assert client.application.config["model"].held(160) is None, "a worker builds its own session"
+    seen = []
+
+    def done():
+        job = client.get(f"/jobs/{answer['job']}").json
+        seen.append(job)
+        return job if job["status"] in ("finished", "failed") else None
+
+    job = wait_until(done, 60, "the job through GET /jobs/<id>", interval=0.05)
+    assert job["status"] == "finished" and job["done"] == job["total"] == 24 and job["fps"] > 0
+    assert job["worker"] in ("worker-a", "worker-b") and job["kind"] == "propagate" and job["task"] == 160
+    assert len(posts_for(160)) == 1
+    assert client.get("/jobs/lx-nothing").status_code == 404
+
+
 def test_worker_killed_mid_job_does_not_lose_the_job(cluster):
     queue = cluster["queue"]
     job_id = queue.submit(spec(cluster["tasks"][200]), 160)
