@@ -1,0 +1,1 @@
+"""XMem inference: memory stores, the memory manager and the per-frame engine."""
