@@ -14,9 +14,12 @@ from torch import nn
 from .model.network import XMemNet
 
 
-def random_state_dict(seed: int = 0, sensory: bool = True, stage0: bool = False) -> dict[str, torch.Tensor]:
+def random_state_dict(seed: int = 0, sensory: bool = True, stage0: bool = False,
+                      key_scale: float = 1.5) -> dict[str, torch.Tensor]:
     """A state dict with exactly the official key set (XMem / XMem-s012, or no-sensory);
-    stage0: a 4-channel value_encoder.conv1.weight, as stage-0 checkpoints have."""
+    stage0: a 4-channel value_encoder.conv1.weight, as stage-0 checkpoints have. key_scale: the
+    spread of the keys; larger makes top-k affinities sharper (near ties at the k-th element then
+    matter less), too large makes every weight underflow on noisy frames."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = XMemNet(hidden_dim=64 if sensory else 0)
@@ -61,7 +64,7 @@ def random_state_dict(seed: int = 0, sensory: bool = True, stage0: bool = False)
     with torch.no_grad():
         # Similarities are exp'ed without max subtraction (as trained): keep key distances in the
         # range a trained model has, or every top-k weight underflows.
-        for conv, scale in ((net.key_proj.key_proj, 0.15), (net.key_proj.d_proj, 0.3)):
+        for conv, scale in ((net.key_proj.key_proj, key_scale), (net.key_proj.d_proj, 0.3)):
             conv.weight.mul_(scale)
             conv.bias.mul_(scale)
     sd = {k: v.detach().clone() for k, v in net.state_dict().items()}

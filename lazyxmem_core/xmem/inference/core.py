@@ -114,11 +114,11 @@ class XMemCore:
             hidden = self.memory.hidden
             decoded = self.net.decode(feats, readout, hidden)
             logits = F.interpolate(decoded[3], scale_factor=4, mode="bilinear", align_corners=False)
-            pred = torch.sigmoid(logits[:, 0])  # (n_mem, H', W')
+            probs = aggregate(torch.sigmoid(logits[:, 0]))  # (n_mem + 1, H', W')
+            pred = probs[1:]
         if given is None:
             if pred is None:
                 raise ValueError("the first frame needs a given mask")
-            probs = aggregate(pred)
         else:
             masks = given.float()
             if pred is not None:
