@@ -45,6 +45,31 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: DEVICE or cpu)")
 
 
+def _xmem_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("XMem engine (defaults: the official evaluation's)")
+    g.add_argument("--size", type=int, default=None, help="resize the shorter side to this (default 480; -1: none)")
+    g.add_argument("--mem-every", type=int, default=None, help="memory frame every k frames (default 5)")
+    g.add_argument("--deep-update-every", type=int, default=None, help="sensory deep update every k frames (default -1: with memory frames)")
+    g.add_argument("--top-k", type=int, default=None, help="top-k memory readout (default 30)")
+    g.add_argument("--max-mid-term-frames", type=int, default=None, help="working memory frames before consolidation (default 10)")
+    g.add_argument("--min-mid-term-frames", type=int, default=None, help="working memory frames kept after it (default 5)")
+    g.add_argument("--max-long-term-elements", type=int, default=None, help="long-term memory size (default 10000)")
+    g.add_argument("--num-prototypes", type=int, default=None, help="prototypes per consolidation (default 128)")
+    g.add_argument("--no-long-term", action="store_true", help="working memory only")
+    g.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    g.add_argument("--winograd", action="store_true", help="Winograd 3x3 convolutions on the CPU (faster, ~1e-5 rounding)")
+
+
+def _xmem_knobs(a: argparse.Namespace) -> dict[str, Any]:
+    knobs = {k: getattr(a, k) for k in ("size", "mem_every", "deep_update_every", "top_k", "max_mid_term_frames",
+                                         "min_mid_term_frames", "max_long_term_elements", "num_prototypes")}
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+    if a.no_long_term:
+        knobs["long_term"] = False
+    knobs.update({k: True for k in ("amp", "winograd") if getattr(a, k)})
+    return knobs
+
+
 def _lazy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau-u", type=float, default=None, help="trigger above this asks the user (default: the engine's; XMem 0.5)")
     p.add_argument("--tau-p", type=float, default=None, help="trigger above this pseudo-corrects (default: the engine's; XMem 0.2)")
@@ -97,7 +122,9 @@ def cmd_propagate(a: argparse.Namespace) -> int:
 
     settings = _settings(a)
     config = LazyConfig.off() if a.no_lazy else _lazy_config(a, settings)
-    propagator = build_propagator(settings)
+    propagator = build_propagator(settings, xmem_knobs=_xmem_knobs(a))
+    if hasattr(propagator, "video_length"):  # XMem: usage counting and the last frame depend on it
+        propagator.video_length = len(frames) - min(given)
     refiner = None if (a.no_lazy or settings.refiner == "none") else build_refiner(settings)
     if refiner is None and config.pseudo:
         config = LazyConfig(**{**config.__dict__, "pseudo": False})
@@ -225,6 +252,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     p.add_argument("--save-probs", help="write the propagator's probabilities (prob_t{t}) to this .npz")
     p.add_argument("--report", help="per-frame JSON report (default OUT/report.json)")
     _engine_args(p)
+    _xmem_args(p)
     _lazy_args(p)
     p.set_defaults(func=cmd_propagate)
 

@@ -52,19 +52,17 @@ def propagator_name(settings: EngineSettings) -> str:
     return settings.engine
 
 
-def build_propagator(settings: EngineSettings) -> Propagator:
+def build_propagator(settings: EngineSettings, xmem_knobs: dict[str, Any] | None = None) -> Propagator:
+    """xmem_knobs: XMemConfig fields (size, mem_every, top_k, ...) for the XMem engine; None: defaults."""
     name = propagator_name(settings)
     if name == "xmem":
         if not settings.xmem_checkpoint:
             raise LazyXMemError("the XMem engine needs a checkpoint: pass --xmem-checkpoint PATH or set XMEM_CHECKPOINT")
-        try:
-            from .xmem import XMemPropagator  # type: ignore[attr-defined]
-        except ImportError:
-            raise LazyXMemError(
-                "this release has no XMem propagator yet: use --engine embedded (or auto without a checkpoint)"
-            ) from None
+        from .xmem import XMemPropagator
+
         log.info("engine: XMem (%s) on %s", settings.xmem_checkpoint, settings.device)
-        return XMemPropagator.from_checkpoint(settings.xmem_checkpoint, device=settings.device)
+        # CheckpointError (a LazyXMemError) says what is wrong with a bad checkpoint.
+        return XMemPropagator.from_checkpoint(settings.xmem_checkpoint, device=settings.device, **(xmem_knobs or {}))
     from .embedded import EmbeddedPropagator
 
     log.info("engine: embedded (no weights)%s", "" if settings.engine == "embedded" else ", no XMem checkpoint configured")

@@ -35,14 +35,14 @@ class XMemConfig:
 
     def __post_init__(self) -> None:
         if self.mem_every < 1:
-            raise ValueError(f"mem_every must be >= 1, got {self.mem_every}")
+            raise LazyXMemError(f"mem_every must be >= 1, got {self.mem_every}")
         if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise LazyXMemError(f"top_k must be >= 1, got {self.top_k}")
         if self.long_term and not 1 <= self.min_mid_term_frames < self.max_mid_term_frames:
-            raise ValueError("need 1 <= min_mid_term_frames < max_mid_term_frames, got "
+            raise LazyXMemError("need 1 <= min_mid_term_frames < max_mid_term_frames, got "
                              f"{self.min_mid_term_frames} and {self.max_mid_term_frames}")
         if self.long_term and not 0 < self.num_prototypes < self.max_long_term_elements:
-            raise ValueError("need 0 < num_prototypes < max_long_term_elements")
+            raise LazyXMemError("need 0 < num_prototypes < max_long_term_elements")
 
     @classmethod
     def knobs(cls) -> tuple[str, ...]:
@@ -116,11 +116,11 @@ class XMemPropagator:
         if self._pending is not None:
             raise RuntimeError("step() called twice without commit(): call commit() after every step()")
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-            raise ValueError(f"frame must be RGB uint8 (H, W, 3), got {frame.dtype} {frame.shape}")
+            raise LazyXMemError(f"frame must be RGB uint8 (H, W, 3), got {frame.dtype} {frame.shape}")
         h, w = frame.shape[:2]
         if self._geo is None:
             if given is None or not np.any(given):
-                raise ValueError("the first frame needs a `given` index mask with at least one object (non-zero label)")
+                raise LazyXMemError("the first frame needs a `given` index mask with at least one object (non-zero label)")
             self._geo = Geometry.of(h, w, self.config.size)
             cfg = self.config
             self._core.mem_cfg = MemoryConfig(cfg.top_k, cfg.long_term, cfg.count_usage(self.video_length),
@@ -128,12 +128,12 @@ class XMemPropagator:
                                               cfg.num_prototypes, cfg.max_long_term_elements)
             self._core.reset()
         elif (h, w) != self._geo.frame_hw:
-            raise ValueError(f"frame size {(h, w)} differs from the video's {self._geo.frame_hw}: call reset() first")
+            raise LazyXMemError(f"frame size {(h, w)} differs from the video's {self._geo.frame_hw}: call reset() first")
         geo = self._geo
         given_t, given_objects = None, []
         if given is not None:
             if given.shape != (h, w):
-                raise ValueError(f"given mask is {given.shape}, the frame is {(h, w)}")
+                raise LazyXMemError(f"given mask is {given.shape}, the frame is {(h, w)}")
             present = [int(v) for v in np.unique(given) if v != 0]
             self._order += [v for v in present if v not in self._order]
             given_objects = [self._order.index(v) for v in present]
@@ -160,10 +160,10 @@ class XMemPropagator:
         with torch.inference_mode(), self._autocast():
             if mask is not None:
                 if mask.shape != self._geo.frame_hw:
-                    raise ValueError(f"commit mask is {mask.shape}, the frame is {self._geo.frame_hw}")
+                    raise LazyXMemError(f"commit mask is {mask.shape}, the frame is {self._geo.frame_hw}")
                 unknown = {int(v) for v in np.unique(mask)} - {0, *self._order}
                 if unknown:
-                    raise ValueError(f"commit mask has labels {sorted(unknown)} never given to step(); known: {self.labels}")
+                    raise LazyXMemError(f"commit mask has labels {sorted(unknown)} never given to step(); known: {self.labels}")
                 m = torch.from_numpy(np.ascontiguousarray(mask)).to(self.device)
                 probs = aggregate(prepare_masks(torch.stack([(m == v) for v in self._order]).float(), self._geo))
             last = self.video_length is not None and self._core.ti == self.video_length - 1 and write is None
@@ -177,7 +177,7 @@ class XMemPropagator:
 
     def restore(self, state: Any) -> None:
         if not isinstance(state, dict) or "core" not in state:
-            raise ValueError("restore() needs a state returned by XMemPropagator.snapshot()")
+            raise LazyXMemError("restore() needs a state returned by XMemPropagator.snapshot()")
         self._core.set_state(state["core"])
         self._order, self._geo, self._pending = list(state["order"]), state["geo"], state["pending"]
 
