@@ -57,7 +57,7 @@ def _xmem_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-prototypes", type=int, default=None, help="prototypes per consolidation (default 128)")
     g.add_argument("--no-long-term", action="store_true", help="working memory only")
     g.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
-    g.add_argument("--winograd", action="store_true", help="Winograd 3x3 convolutions on the CPU (faster, ~1e-5 rounding)")
+    g.add_argument("--no-winograd", action="store_true", help="direct instead of Winograd 3x3 convolutions on the CPU (slower)")
 
 
 def _xmem_knobs(a: argparse.Namespace) -> dict[str, Any]:
@@ -66,7 +66,10 @@ def _xmem_knobs(a: argparse.Namespace) -> dict[str, Any]:
     knobs = {k: v for k, v in knobs.items() if v is not None}
     if a.no_long_term:
         knobs["long_term"] = False
-    knobs.update({k: True for k in ("amp", "winograd") if getattr(a, k)})
+    if a.amp:
+        knobs["amp"] = True
+    if a.no_winograd:
+        knobs["winograd"] = False
     return knobs
 
 

@@ -6,6 +6,7 @@ the resulting network has lively features, so tests and parity checks exercise r
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -77,3 +78,9 @@ def save_random_checkpoint(path: str | Path, seed: int = 0, sensory: bool = True
     path = Path(path)
     torch.save(random_state_dict(seed, sensory, stage0), path)
     return path
+
+
+@functools.lru_cache(maxsize=4)
+def shared_random_state_dict(seed: int = 0, sensory: bool = True) -> dict[str, torch.Tensor]:
+    """random_state_dict, made once per process (tests): read it, never modify it."""
+    return random_state_dict(seed, sensory)

@@ -172,32 +172,18 @@ class KeyEncoder(nn.Module):
 
 
 class KeyProjection(nn.Module):
-    """key, shrinkage d^2 + 1 and selection sigmoid(e), all 3x3 convs on f16 (run as one conv)."""
+    """key, shrinkage d^2 + 1 and selection sigmoid(e): three 3x3 convs on f16."""
 
     def __init__(self, in_dim: int, key_dim: int) -> None:
         super().__init__()
         self.key_proj = conv3x3(in_dim, key_dim)
         self.d_proj = conv3x3(in_dim, 1)
         self.e_proj = conv3x3(in_dim, key_dim)
-        self._joint: Conv2d | None = None
-
-    def prepare(self) -> None:
-        joint = Conv2d(self.key_proj.in_channels, 2 * self.key_proj.out_channels + 1, 3, padding=1)
-        with torch.no_grad():
-            joint.weight.copy_(torch.cat([self.key_proj.weight, self.e_proj.weight, self.d_proj.weight], 0))
-            joint.bias.copy_(torch.cat([self.key_proj.bias, self.e_proj.bias, self.d_proj.bias], 0))
-        joint.requires_grad_(False)
-        joint.winograd = self.key_proj.winograd
-        self._joint = joint
 
     def forward(self, f16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ck = self.key_proj.out_channels
-        if self._joint is None:
-            key, e, d = self.key_proj(f16), self.e_proj(f16), self.d_proj(f16)
-        else:
-            out = self._joint(f16)
-            key, e, d = out[:, :ck], out[:, ck:2 * ck], out[:, 2 * ck:]
-        return key, d ** 2 + 1, torch.sigmoid(e)
+        # Shrinkage is only needed on memory frames, but that is decided after step: one
+        # 1-channel conv is cheap enough to compute always.
+        return self.key_proj(f16), self.d_proj(f16) ** 2 + 1, torch.sigmoid(self.e_proj(f16))
 
 
 class ValueEncoder(nn.Module):

@@ -55,10 +55,16 @@ class XMemNet(nn.Module):
         return net
 
     def optimise(self, winograd: bool = False) -> None:
-        """Eval-only rewrites: BN folded into convs, joint key projection, split fusion blocks."""
-        fold_batchnorm(self)
-        set_winograd(self, winograd)
-        self.key_proj.prepare()
+        """Eval-only rewrites of the mask paths: BN folded into the value encoder's convs, split
+        fusion blocks, optionally Winograd convs in the decoder and the value encoder.
+
+        The key path (key encoder, key projection) is left exactly as trained, op for op: keys
+        feed a top-k selection, where any rounding difference can swap near-tied k-th and
+        (k+1)-th memory elements; bit-equal keys keep the readout equal to the official one.
+        """
+        fold_batchnorm(self.value_encoder)
+        set_winograd(self.decoder, winograd)
+        set_winograd(self.value_encoder, winograd)
         for m in self.modules():
             if isinstance(m, FeatureFusionBlock):
                 m.prepare()
