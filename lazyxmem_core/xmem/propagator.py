@@ -71,9 +71,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 class XMemPropagator:
     """XMem (Cheng & Schwing 2022) as a Propagator: step() segments, commit() writes memory."""
 
-    # The Lazy thresholds of the paper are on XMem's scale (LazyConfig's defaults).
-    lazy_thresholds: dict[str, Any] = {}
-
     def __init__(self, net: XMemNet, config: XMemConfig | None = None, device: str | torch.device | None = None,
                  video_length: int | None = None) -> None:
         self.device = resolve_device(device)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ..model.network import IMAGENET_MEAN, IMAGENET_STD, XMemNet, aggregate
 from .memory import MemoryConfig, MemoryManager
@@ -103,16 +104,18 @@ class XMemCore:
         """image (1, 3, H', W'); given: (n_total, H', W') one-hot over all objects (rows of objects
         not in ``given_objects`` are ignored); n_total may exceed the current count (new objects)."""
         self.ti += 1
-        feats = self.net.encode_key(image)
+        with record_function("xmem.encode_key"):
+            feats = self.net.encode_key(image)
         n_total = self.n_objects if given is None else given.shape[0]
         mem_objects = self.memory.objects
         segment = bool(mem_objects) and (given is None or len(given_objects) != n_total)
         decoded = None
         pred = None
         if segment:
-            readout = self.memory.read(feats["key"][0], feats["selection"][0])
-            hidden = self.memory.hidden
-            decoded = self.net.decode(feats, readout, hidden)
+            with record_function("xmem.read_memory"):
+                readout = self.memory.read(feats["key"][0], feats["selection"][0])
+            with record_function("xmem.decode"):
+                decoded = self.net.decode(feats, readout, self.memory.hidden)
             logits = F.interpolate(decoded[3], scale_factor=4, mode="bilinear", align_corners=False)
             probs = aggregate(torch.sigmoid(logits[:, 0]))  # (n_mem + 1, H', W')
             pred = probs[1:]
@@ -149,14 +152,17 @@ class XMemCore:
         deep = write and (sync or self.ti - self.last_deep_ti >= self.deep_update_every)
         mem = self.memory
         if p.decoded is not None and mem.hidden is not None and not last and not (sync and write):
-            mem.hidden = self.net.update_hidden(*p.decoded, mem.hidden)
+            with record_function("xmem.update_hidden"):
+                mem.hidden = self.net.update_hidden(*p.decoded, mem.hidden)
         if p.given:
             mem.add_hidden(p.n_objects, p.feats["key"])
         if write:
             probs = p.probs if probs is None else probs
             f = p.feats
-            value, hidden = self.net.encode_value(p.image, f["f16"], probs[1:], mem.hidden, deep)
-            mem.write(f["key"][0], f["shrinkage"][0], f["selection"][0], value, list(range(p.n_objects)))
+            with record_function("xmem.encode_value"):
+                value, hidden = self.net.encode_value(p.image, f["f16"], probs[1:], mem.hidden, deep)
+            with record_function("xmem.write_memory"):
+                mem.write(f["key"][0], f["shrinkage"][0], f["selection"][0], value, list(range(p.n_objects)))
             if deep:
                 mem.hidden = hidden
                 self.last_deep_ti = self.ti
