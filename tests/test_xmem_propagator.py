@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lazyxmem_core import cli
+from lazyxmem_core.media import read_index_mask
 from lazyxmem_core.lazy import LazyConfig, LazySession
 from lazyxmem_core.protocols import Propagator
 from lazyxmem_core.types import Correction
@@ -164,7 +165,7 @@ def test_cli_propagate_with_xmem_end_to_end(tmp_path):
         assert sorted(z.namelist()) == sorted(f"prob_t{t}.npy" for t in range(6))
     data = np.load(probs)
     assert data["prob_t3"].shape == (3, H, W)
-    assert np.array_equal(cv2.imread(str(out / "00000.png"), cv2.IMREAD_UNCHANGED), mask)
+    assert np.array_equal(read_index_mask(out / "00000.png"), mask)
     rc = cli.main(["propagate", "--frames", str(d), "--mask", str(tmp_path / "mask.png"), "--out", str(out),
                    "--engine", "xmem", "--xmem-checkpoint", str(tmp_path / "frames" / "00000.png"), "--no-lazy"])
     assert rc == 2  # not a checkpoint: a clear error, no traceback

@@ -12,6 +12,7 @@ from .kv_store import KVStore
 
 # The CSR readout is exact and stable; torch only flags the sparse API as beta.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning)
 
 
 @dataclass(frozen=True)
