@@ -123,7 +123,7 @@ class XMemCore:
             if pred is None:
                 raise ValueError("the first frame needs a given mask")
         else:
-            masks = given.float()
+            masks = given.float().clone()  # rows of objects not given get their prediction
             if pred is not None:
                 pred = pred.clone()
                 pred[:, given.sum(0) > 0.5] = 0  # the given objects own their pixels
