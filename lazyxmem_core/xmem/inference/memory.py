@@ -2,17 +2,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from .kv_store import KVStore
-
-# The CSR readout is exact and stable; torch only flags the sparse API as beta.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning)
 
 
 @dataclass(frozen=True)
@@ -54,8 +49,10 @@ def sparse_readout(w: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> 
     """sum_j w[q, j] * values[idx[q, j]] for values (N, D) -> (Q, D): top-k needs no dense matmul."""
     q, k = w.shape
     dtype = values.dtype  # sparse kernels are fp32 everywhere; AMP's fp16 goes through fp32 here
-    a = torch.sparse_csr_tensor(torch.arange(0, q * k + 1, k, device=w.device), idx.reshape(-1),
-                                w.reshape(-1).float(), size=(q, values.shape[0]))
+    with warnings.catch_warnings():  # torch flags the (stable, exact) CSR API as beta
+        warnings.simplefilter("ignore", UserWarning)
+        a = torch.sparse_csr_tensor(torch.arange(0, q * k + 1, k, device=w.device), idx.reshape(-1),
+                                    w.reshape(-1).float(), size=(q, values.shape[0]))
     return (a @ values.float()).to(dtype)
 
 
