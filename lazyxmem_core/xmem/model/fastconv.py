@@ -20,6 +20,11 @@ def winograd_available() -> bool:
     return _NNPACK
 
 
+# Below this many pixels the convs are bound by reading their weights and NNPACK's transforms
+# only add time (96x160 frames: 350 vs 200 ms per frame); at 480p every scale is above it.
+MIN_WINOGRAD_PIXELS = 1024
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state-dict names) with an optional Winograd path."""
 
@@ -27,7 +32,7 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.winograd and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.is_grad_enabled()):
+                and x.shape[-2] * x.shape[-1] >= MIN_WINOGRAD_PIXELS and not torch.is_grad_enabled()):
             # One image at a time: NNPACK's batched mode picks a slower algorithm (measured 2.7x
             # slower than two single-image calls for 2 objects at 480p).
             return torch.cat([torch._nnpack_spatial_convolution(x[i:i + 1], self.weight, self.bias, self.padding,
