@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lazyxmem_core.xmem import XMemConfig, XMemPropagator  # noqa: E402
-from lazyxmem_core.xmem.model import XMemNet  # noqa: E402
-from lazyxmem_core.xmem.random_weights import random_state_dict  # noqa: E402
+from lazyxmem_core.xmem import XMemConfig, XMemPropagator
+from lazyxmem_core.xmem.model import XMemNet
+from lazyxmem_core.xmem.random_weights import random_state_dict
 
 
 def rss_mb() -> float:

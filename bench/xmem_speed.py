@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lazyxmem_core.xmem import XMemConfig, XMemPropagator  # noqa: E402
-from lazyxmem_core.xmem.model import XMemNet  # noqa: E402
-from lazyxmem_core.xmem.random_weights import random_state_dict  # noqa: E402
+from lazyxmem_core.xmem import XMemConfig, XMemPropagator
+from lazyxmem_core.xmem.random_weights import random_state_dict
 
 
 def load_video(a) -> tuple[list[np.ndarray], np.ndarray]:
@@ -51,20 +50,20 @@ class Official:
 
     def __init__(self, root: str, ckpt: str, cfg: XMemConfig, n: int) -> None:
         sys.path.insert(0, root)
-        from model import resnet  # noqa: PLC0415  (the official package, from the checkout)
+        from model import resnet
 
         for name in ("resnet18", "resnet50"):  # no ImageNet download: the checkpoint has every weight
             orig = getattr(resnet, name)
             setattr(resnet, name, lambda pretrained=True, extra_dim=0, _o=orig: _o(False, extra_dim))
-        from inference.data.mask_mapper import MaskMapper  # noqa: PLC0415
-        from inference.inference_core import InferenceCore  # noqa: PLC0415
-        from model.network import XMem  # noqa: PLC0415
+        from inference.data.mask_mapper import MaskMapper
+        from inference.inference_core import InferenceCore
+        from model.network import XMem
 
         self._core_cls, self._mapper_cls = InferenceCore, MaskMapper
-        self.config = dict(top_k=cfg.top_k, mem_every=cfg.mem_every, deep_update_every=cfg.deep_update_every,
-                           enable_long_term=cfg.long_term, min_mid_term_frames=cfg.min_mid_term_frames,
-                           max_mid_term_frames=cfg.max_mid_term_frames, num_prototypes=cfg.num_prototypes,
-                           max_long_term_elements=cfg.max_long_term_elements)
+        self.config = {"top_k": cfg.top_k, "mem_every": cfg.mem_every, "deep_update_every": cfg.deep_update_every,
+                       "enable_long_term": cfg.long_term, "min_mid_term_frames": cfg.min_mid_term_frames,
+                       "max_mid_term_frames": cfg.max_mid_term_frames, "num_prototypes": cfg.num_prototypes,
+                       "max_long_term_elements": cfg.max_long_term_elements}
         self.config["enable_long_term_count_usage"] = cfg.count_usage(n)
         with contextlib.redirect_stdout(io.StringIO()):
             self.net = XMem(self.config, ckpt, map_location="cpu").eval()
@@ -144,7 +143,7 @@ def main() -> int:
                      f"ratio {mo / mf:.2f}")
         print(line, flush=True)
     if a.profile:
-        from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+        from torch.profiler import ProfilerActivity, profile
 
         ours.reset()
         ours.step(frames[0], mask)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lazyxmem_core import cli
-from lazyxmem_core.media import read_index_mask
 from lazyxmem_core.lazy import LazyConfig, LazySession
+from lazyxmem_core.media import read_index_mask
 from lazyxmem_core.protocols import Propagator
 from lazyxmem_core.types import Correction
 from lazyxmem_core.xmem import XMemConfig, XMemPropagator
@@ -134,7 +134,8 @@ def test_snapshot_restore_reproduces_outputs_twice(net):
 
 def test_long_term_memory_stays_bounded(net):
     frames, mask = video(40)
-    cfg = dict(mem_every=1, min_mid_term_frames=2, max_mid_term_frames=4, num_prototypes=5, max_long_term_elements=30)
+    cfg = {"mem_every": 1, "min_mid_term_frames": 2, "max_mid_term_frames": 4, "num_prototypes": 5,
+           "max_long_term_elements": 30}
     p = make(net, **cfg)
     hw = (H // 16) * (W // 16)
     sizes = []

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fastconv import set_winograd
-from .modules import Decoder, FeatureFusionBlock, KeyEncoder, KeyProjection, ValueEncoder
+from .modules import (
+    Decoder,
+    FeatureFusionBlock,
+    KeyEncoder,
+    KeyProjection,
+    ValueEncoder,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
