@@ -233,7 +233,10 @@ class LazyXMemModel:
                 raise TaskError(f"task {task_id}: region {p.key} gives an empty mask on frame {p.frame + 1}")
             given.setdefault(p.frame, np.zeros((h, w), np.uint8))[mask] = value
             objects.append((value, p.label))
-        session = LazySession(build_propagator(self.settings.engine), frames, given, refiner=self.refiner(),
+        propagator = build_propagator(self.settings.engine)
+        if hasattr(propagator, "video_length"):  # XMem: usage counting and the last frame depend on it
+            propagator.video_length = len(frames) - min(given)
+        session = LazySession(propagator, frames, given, refiner=self.refiner(),
                               config=self.settings.lazy or lazy_config(self.settings.engine, detect_loss=True))
         return TaskState(task_id, cfg, frames, objects, session, fps, task=task, label_config=cfg.xml)
 
