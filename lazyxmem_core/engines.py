@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,15 +59,35 @@ def build_propagator(settings: EngineSettings, xmem_knobs: dict[str, Any] | None
     if name == "xmem":
         if not settings.xmem_checkpoint:
             raise LazyXMemError("the XMem engine needs a checkpoint: pass --xmem-checkpoint PATH or set XMEM_CHECKPOINT")
-        from .xmem import XMemPropagator
-
-        log.info("engine: XMem (%s) on %s", settings.xmem_checkpoint, settings.device)
-        # CheckpointError (a LazyXMemError) says what is wrong with a bad checkpoint.
-        return XMemPropagator.from_checkpoint(settings.xmem_checkpoint, device=settings.device, **(xmem_knobs or {}))
+        return _xmem_propagator(settings.xmem_checkpoint, settings.device, xmem_knobs or {})
     from .embedded import EmbeddedPropagator
 
     log.info("engine: embedded (no weights)%s", "" if settings.engine == "embedded" else ", no XMem checkpoint configured")
     return EmbeddedPropagator()
+
+
+_XMEM_NETS: dict[tuple, tuple[Any, Any, Any]] = {}
+_XMEM_LOCK = threading.Lock()
+
+
+def _xmem_propagator(path: str, device: str, knobs: dict[str, Any]) -> Propagator:
+    """An XMem propagator with its own memory on the process's one copy of the network: the
+    weights load once per process (a worker serves many tasks), not once per task."""
+    from .xmem import XMemPropagator
+
+    try:
+        stamp = os.stat(path).st_mtime_ns  # a replaced checkpoint file is loaded again
+    except OSError:
+        stamp = None  # from_checkpoint says what is wrong with the path
+    key = (os.path.realpath(path), stamp, str(device), tuple(sorted(knobs.items())))
+    with _XMEM_LOCK:
+        if key not in _XMEM_NETS:
+            log.info("engine: XMem (%s) on %s", path, device)
+            # CheckpointError (a LazyXMemError) says what is wrong with a bad checkpoint.
+            loaded = XMemPropagator.from_checkpoint(path, device=device, **knobs)
+            _XMEM_NETS[key] = (loaded.net, loaded.config, loaded.device)
+        net, config, dev = _XMEM_NETS[key]
+    return XMemPropagator(net, config, dev)
 
 
 def lazy_config(settings: EngineSettings, **overrides: Any) -> LazyConfig:

@@ -415,3 +415,46 @@ def test_a_correction_job_on_a_rebuilt_session_carries_every_earlier_correction(
     assert (rebuilt.masks()[4] == 1).tolist() == first.tolist() and (rebuilt.masks()[9] == 1).tolist() == second.tolist()
     posted = [p["json"] for p in FakeLabelStudio.posted if p["path"].startswith("/api/predictions")]
     assert [p["model_version"].rsplit("-", 1)[-1] for p in posted[-2:]] == ["r1", "r2"]
+
+
+@pytest.fixture(scope="module")
+def xmem_checkpoint(tmp_path_factory):
+    from lazyxmem_core.xmem.random_weights import shared_random_state_dict
+
+    path = tmp_path_factory.mktemp("xmem") / "XMem-s012.pth"
+    torch.save(shared_random_state_dict(seed=0), path)
+    return str(path)
+
+
+def test_xmem_engine_loads_its_weights_once_per_process(xmem_checkpoint):
+    from lazyxmem_core.engines import build_propagator
+
+    settings = EngineSettings(engine="xmem", xmem_checkpoint=xmem_checkpoint)
+    a, b = build_propagator(settings, {"size": -1}), build_propagator(settings, {"size": -1})
+    assert a is not b and a.net is b.net  # two sessions, one network
+    frame = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    mask = np.zeros((48, 64), np.uint8)
+    mask[10:30, 10:40] = 1
+    a.step(frame, mask)
+    a.commit()
+    assert a.memory_elements > 0 and b.memory_elements == 0  # each keeps its own memory
+
+
+def test_backend_serves_an_image_sequence_with_the_xmem_engine(fake_ls, tmp_path, xmem_checkpoint):
+    _, video = fake_ls
+    settings = BackendSettings(ls_url=fake_ls[0], api_key=TOKEN, cache_dir=str(tmp_path / "cache"),
+                               engine=EngineSettings(engine="xmem", refiner="embedded", xmem_checkpoint=xmem_checkpoint))
+    client = create_app(settings).test_client()
+    task = images_task(video)
+    task["data"]["frames"] = task["data"]["frames"][:3]  # XMem works at 480p here: keep it short on a CPU
+    r = client.post("/predict", json={"tasks": [task], "label_config": IMAGES_CFG, "params": {"context": None}})
+    assert r.status_code == 200, r.json
+    pred = r.json["results"][0]
+    assert pred["model_version"].endswith("-xmem")
+    items = sorted(x["item_index"] for x in pred["result"] if x["type"] == "brushlabels")
+    assert items[0] == 0 and set(items) <= {0, 1, 2}
+    first = decode_brush(next(x for x in pred["result"] if x["type"] == "brushlabels" and x["item_index"] == 0)["value"],
+                         W, H, "test")
+    assert (first == (video.clean.masks[0] == 1)).all()  # the given mask is returned exactly
+    state = client.application.config["model"].held(2)
+    assert state.session.propagator.video_length == 3
