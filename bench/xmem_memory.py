@@ -39,11 +39,13 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=160)
     ap.add_argument("--every", type=int, default=500)
     ap.add_argument("--checkpoint")
+    ap.add_argument("--max-long-term-elements", type=int, default=10000,
+                    help="official 10000 fills long-term memory by about frame 2000; a smaller cap fills it sooner")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     h, w = a.height, a.width
-    cfg = XMemConfig(size=-1)
+    cfg = XMemConfig(size=-1, max_long_term_elements=a.max_long_term_elements)
     if a.checkpoint:
         prop = XMemPropagator.from_checkpoint(a.checkpoint, device="cpu", config=cfg)
     else:

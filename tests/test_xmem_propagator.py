@@ -183,3 +183,17 @@ def test_lazy_session_runs_with_xmem_and_deferred_corrections(net):
     first = s.correct({(5, 2): Correction(mask=fixed == 2)})
     assert first == 3 and len(s.ordered_records()) == 8
     assert np.array_equal(s.records[5].mask == 2, fixed == 2)
+
+
+def test_consolidation_with_fewer_candidates_than_prototypes(net):
+    """Tiny frames: fewer working-memory elements than num_prototypes; all become prototypes."""
+    frames, mask = video(12)
+    p = make(net, mem_every=1, min_mid_term_frames=2, max_mid_term_frames=4, num_prototypes=100,
+             max_long_term_elements=500)
+    hw = (H // 16) * (W // 16)  # 24 elements per memory frame, far fewer than 100 prototypes
+    for t, f in enumerate(frames):
+        probs = p.step(f, mask if t == 0 else None)
+        p.commit()
+        assert np.isfinite(probs).all()
+    long = p._core.memory.long.size
+    assert long > 0 and long % hw == 0  # each consolidation kept every candidate (a whole number of frames)

@@ -155,7 +155,8 @@ class MemoryManager:
 
     def _prototypes(self, keys, shrink, sel, usage, cand_values):
         n = keys.shape[0]
-        top = torch.topk(usage, k=self.cfg.num_prototypes, dim=-1, sorted=True).indices
+        # Fewer candidates than prototypes (tiny frames): all of them (the official code fails here).
+        top = torch.topk(usage, k=min(self.cfg.num_prototypes, usage.shape[-1]), dim=-1, sorted=True).indices
         p_key = keys[top]
         p_sel = None if sel is None else sel[top]
         sim = similarity(keys, shrink, p_key, p_sel)  # (P, N): prototypes are the queries
