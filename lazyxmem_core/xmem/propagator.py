@@ -142,9 +142,9 @@ class XMemPropagator:
         with torch.inference_mode(), self._autocast():
             image = prepare_image(torch.from_numpy(np.ascontiguousarray(frame)).to(self.device), geo)
             pending = self._core.step(image, given_t, given_objects)
+            # As officially, a given frame's output is its aggregated mask at the working resolution,
+            # upsampled (soft edges when resized); the Lazy session outputs the annotation exactly.
             probs = self._to_frame(pending.probs.float())
-            if given is not None and geo.resized:
-                probs = self._given_at_frame_resolution(probs, g, present)
         self._pending = pending
         return probs.cpu().numpy()
 
@@ -181,18 +181,6 @@ class XMemPropagator:
     def _channel_order(self) -> list[int]:
         """Internal channel (background first) for each output channel (labels ascending)."""
         return [0] + [1 + self._order.index(v) for v in self.labels]
-
-    def _given_at_frame_resolution(self, probs: torch.Tensor, given: torch.Tensor, present: list[int]) -> torch.Tensor:
-        """The annotation is ground truth at the frame's own resolution too: the upsampled
-        working-resolution probabilities blur its edges, so given objects are set exactly and
-        the other channels keep their (renormalised) share of the pixels outside them."""
-        free = (given == 0).float()
-        probs = probs * free
-        for v in present:
-            probs[1 + self.labels.index(v)] = (given == v).float()
-        total = probs.sum(0)
-        probs[0] = torch.where(total > 0, probs[0], free)  # all mass was a given object's blur
-        return probs / probs.sum(0).clamp_min(1e-12)
 
     def _to_frame(self, probs: torch.Tensor) -> torch.Tensor:
         geo = self._geo
