@@ -140,6 +140,7 @@ class LazyXMemModel:
         self._sessions_lock = threading.Lock()
         self.jobs = make_queue(self.run_job, self.settings.redis_url)
         self.ledger = PostLedger(getattr(self.jobs, "redis", None))
+        self._ls_client: tuple[tuple[str, str], Any] | None = None
         self._refiner: Refiner | None = None
         self._refiner_lock = threading.Lock()
         self.label_configs: dict[str, str] = {}  # project id -> label config, from /setup
@@ -204,8 +205,6 @@ class LazyXMemModel:
         return ArrayFrames(images), 1.0
 
     # -- building a session from Label Studio's data -------------------------------------------------
-    annotation_results = staticmethod(initial_regions)
-
     def prompts(self, results: list[dict], cfg: LabelConfig, frames: FrameSequence) -> list[ObjectPrompt]:
         h, w = frames[0].shape[:2]
         if cfg.mode == "video":
@@ -221,7 +220,7 @@ class LazyXMemModel:
     def build(self, task: dict, cfg: LabelConfig) -> TaskState | None:
         task_id = int(task.get("id") or 0)
         frames, fps = self.load_frames(task, cfg)
-        prompts = self.prompts(self.annotation_results(task), cfg, frames)
+        prompts = self.prompts(initial_regions(task), cfg, frames)
         if not prompts:
             return None
         h, w = frames[0].shape[:2]
@@ -275,11 +274,15 @@ class LazyXMemModel:
                  time.perf_counter() - t0, len(state.session.review_frames))
 
     def ls_client(self) -> Any:
+        """One API client per (URL, key), kept: every posted prediction used to build its own."""
         if not (self.settings.ls_url and self.settings.api_key):
             raise LazyXMemError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set to talk to Label Studio")
-        from label_studio_sdk import LabelStudio
+        key = (self.settings.ls_url, self.settings.api_key)
+        if self._ls_client is None or self._ls_client[0] != key:
+            from label_studio_sdk import LabelStudio
 
-        return LabelStudio(base_url=self.settings.ls_url, api_key=self.settings.api_key)
+            self._ls_client = (key, LabelStudio(base_url=key[0], api_key=key[1]))
+        return self._ls_client[1]
 
     def post_prediction(self, state: TaskState, job_id: str | None = None, unless_present: bool = False) -> bool:
         """Post the task's current prediction through the Label Studio API, once per job id.
@@ -596,7 +599,7 @@ class LazyXMemModel:
             # not be mistaken for the initial regions.
             base = dict(task)
             base["annotations"] = [a for a in task.get("annotations") or [] if a.get("id") != annotation.get("id")]
-            if not self.annotation_results(base):
+            if not initial_regions(base):
                 base["annotations"] = [annotation]
 
             job = self.submit("annotation", base, cfg.xml, 0, annotation=annotation)

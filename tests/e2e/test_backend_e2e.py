@@ -205,6 +205,13 @@ def connect(ls: LabelStudio, project_id: int, backend: Backend) -> tuple[int, st
     return ml.id, ml.model_version
 
 
+def select_prediction(page: Any, model_version: str) -> str | None:
+    """Show the prediction of ``model_version`` in the editor; the selected item's type (None: none)."""
+    return page.evaluate("""mv => { const s = window.Htx.annotationStore;
+        const p = s.predictions.find(p => p.createdBy === mv); if (!p) return null;
+        s.selectPrediction(p.id); return s.selected.type; }""", model_version)
+
+
 # --- fixtures --------------------------------------------------------------------------------
 
 N_VIDEO, VIDEO_HIDDEN = 100, range(40, 44)
@@ -319,10 +326,7 @@ def test_video_prediction_renders_in_web_ui(label_studio: LabelStudio, video_cas
                                             tmp_path: Path) -> None:
     page = ls_page
     open_task(page, label_studio, video_case.project_id, video_case.task_id)
-    picked = page.evaluate("""mv => { const s = window.Htx.annotationStore;
-        const p = s.predictions.find(p => p.createdBy === mv); if (!p) return null;
-        s.selectPrediction(p.id); return s.selected.type; }""", video_case.model_version)
-    assert picked == "prediction"
+    assert select_prediction(page, video_case.model_version) == "prediction"
     regions = page.evaluate("""() => window.Htx.annotationStore.selected.regions.map(r => ({type: r.type,
         labels: (r.labeling && r.labeling.selectedLabels || []).map(l => l.value), ranges: r.ranges || null,
         keyframes: r.sequence ? r.sequence.length : 0}))""")
@@ -426,10 +430,7 @@ def test_image_sequence_review_mark_renders_on_its_item(label_studio: LabelStudi
                                                         ls_page: Any, tmp_path: Path) -> None:
     page = ls_page
     open_task(page, label_studio, images_case.project_id, images_case.task_id)
-    picked = page.evaluate("""mv => { const s = window.Htx.annotationStore;
-        const p = s.predictions.find(p => p.createdBy === mv); if (!p) return null;
-        s.selectPrediction(p.id); return s.selected.type; }""", images_case.model_version)
-    assert picked == "prediction"
+    assert select_prediction(page, images_case.model_version) == "prediction"
     regions = page.evaluate("""() => window.Htx.annotationStore.selected.regions
         .filter(r => r.type === 'brushregion').map(r => r.item_index)""")
     expected = sorted(r["item_index"] for r in images_case.prediction["result"] if r["type"] == "brushlabels")
