@@ -43,6 +43,11 @@ class LazyConfig:
     user_budget: int | None = None  # at most this many user requests per video (None: no limit)
     min_user_gap: int = 0  # at least this many frames between two requests for one object
     snapshot_every: int = 10  # keep the propagator's state every k frames for deferred corrections
+    # A user correction is also propagated backwards, to the object's previous human-made mask, and
+    # revises the frames in between where the backward mask is the better bet (not in the paper;
+    # pays when corrections are good: SAM, masks drawn by a reviewer).
+    backward: bool = False
+    backward_max: int = 250  # at most this many earlier frames are revised per correction
 
     @classmethod
     def off(cls) -> LazyConfig:
@@ -109,7 +114,10 @@ class LazySession:
         self._last_user: dict[int, int] = {}
         self._n_user = 0
         self._reference: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # label -> (frame, mask) a human gave
+        self._anchor: dict[int, int] = {}  # label -> last frame where a human gave or corrected its mask
         self._next = self.start
+        if self.config.backward_max < 1:
+            raise ValueError(f"backward_max must be >= 1, got {self.config.backward_max}")
         if self.config.pseudo and self.refiner is None:
             raise ValueError("pseudo-corrections need a refiner: pass one, or disable pseudo in LazyConfig")
 
@@ -211,6 +219,7 @@ class LazySession:
 
         user_written = False
         pseudo_done = False
+        user_corrected: list[int] = []
         for label, rec in objects.items():
             if rec.decision is Decision.PSEUDO:
                 click = object_uncertainty(probs, output == label, with_click=True).click
@@ -233,6 +242,7 @@ class LazySession:
                     raise ValueError(f"correction mask for object {label} on frame {t} is {refined.shape[::-1]}, the frame is {output.shape[::-1]}")
                 _replace_object(output, label, refined.astype(bool))
                 self._reference[label] = (frame, output == label)
+                user_corrected.append(label)
                 user_written = user_written or cfg.idu
 
         if given is not None:
@@ -263,7 +273,60 @@ class LazySession:
             index=t, mask=output, objects=objects, written=bool(written), given=given is not None,
             seconds=(t1 - t0) + (t3 - t2), lazy_seconds=lazy_seconds,
         )
+        if cfg.backward and user_corrected:
+            t4 = time.perf_counter()
+            self._revise_backward(t, user_corrected)
+            self.records[t].seconds += time.perf_counter() - t4
+        for label in given_labels.union(user_corrected):
+            self._anchor[label] = t
         self._keep_snapshot(t, pending)
+
+    def _revise_backward(self, t: int, labels: list[int]) -> None:
+        """Propagate frame t's output backwards to each corrected object's previous anchor and
+        revise the frames in between.
+
+        A fresh run of the same propagator (its forward state is kept aside and restored) starts
+        from frame t's output. On frame tau between the anchor a and t, the backward mask of
+        object c replaces the forward one when S_b * (1 - w) < S_f * w, w = (tau - a) / (t - a):
+        each pass is trusted near its own start, and the less uncertain one wins in between.
+        """
+        output = self.records[t].mask
+        if not output.any():
+            return
+        lo = {c: max(self._anchor.get(c, self.start) + 1, t - self.config.backward_max) for c in labels}
+        first = min(lo.values())
+        if first >= t:
+            return
+        state = self.propagator.snapshot()
+        try:
+            self.propagator.reset()
+            self.propagator.step(self.frames[t], given=output)
+            self.propagator.commit()
+            for tau in range(t - 1, first - 1, -1):
+                probs = self.propagator.step(self.frames[tau])
+                self.propagator.commit()
+                back = np.asarray([0, *self.propagator.labels])[argmax_channels(probs)]
+                rec = self.records.get(tau)
+                if rec is None:
+                    continue
+                mask = rec.mask
+                for c in labels:
+                    if tau < lo[c] or c not in rec.objects:
+                        continue
+                    a = lo[c] - 1
+                    w = (tau - a) / (t - a)
+                    b = back == c
+                    if not b.any():
+                        continue  # the backward pass lost the object: nothing to offer here
+                    S_b = object_uncertainty(probs, b).S
+                    if S_b * (1.0 - w) < rec.objects[c].S * w:
+                        if mask is rec.mask:
+                            mask = mask.copy()
+                        _replace_object(mask, c, b)
+                        rec.objects[c].revised = True
+                rec.mask = mask
+        finally:
+            self.propagator.restore(state)
 
     def _decide(self, t: int, label: int, S: float, dS: float | None, area: int) -> Decision:
         cfg = self.config
@@ -317,7 +380,8 @@ class LazySession:
     # -- state kept for deferred corrections -------------------------------------------------
     def _controller_state(self) -> dict[str, Any]:
         return {"prev_S": dict(self._prev_S), "prev_area": dict(self._prev_area),
-                "last_user": dict(self._last_user), "n_user": self._n_user, "reference": dict(self._reference)}
+                "last_user": dict(self._last_user), "n_user": self._n_user, "reference": dict(self._reference),
+                "anchor": dict(self._anchor)}
 
     def _restore_controller(self, state: dict[str, Any]) -> None:
         self._prev_S = dict(state["prev_S"])
@@ -325,9 +389,11 @@ class LazySession:
         self._last_user = dict(state["last_user"])
         self._n_user = state["n_user"]
         self._reference = dict(state["reference"])
+        self._anchor = dict(state["anchor"])
 
     def _reset_controller(self) -> None:
-        self._restore_controller({"prev_S": {}, "prev_area": {}, "last_user": {}, "n_user": 0, "reference": {}})
+        self._restore_controller({"prev_S": {}, "prev_area": {}, "last_user": {}, "n_user": 0, "reference": {},
+                                  "anchor": {}})
 
     def _periodic(self, t: int) -> bool:
         return t == self.start or (t - self.start) % max(1, self.config.snapshot_every) == 0

@@ -64,6 +64,7 @@ class ObjectRecord:
     clicks: list[Click] = field(default_factory=list)
     box: Box | None = None
     answered: bool = False  # a user request that was answered (on-the-fly or by correct())
+    revised: bool = False  # the mask was replaced by a later correction's backward propagation
 
 
 @dataclass

@@ -250,3 +250,95 @@ def test_the_given_mask_is_the_output_on_its_frame():
     given[12:20, 18:30] = 1  # differs from the scripted square the propagator returns
     recs = LazySession(ScriptedPropagator(SCRIPT), FRAMES, {0: given}, refiner=RecordingRefiner()).run()
     assert (recs[0].mask == given).all() and recs[0].given
+
+
+class CarryPropagator:
+    """Carries the last committed mask forward unchanged, with foreground probability 0.9: the
+    simplest propagator whose forward and backward passes disagree after a correction."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    @property
+    def labels(self) -> list[int]:
+        return self._labels
+
+    def reset(self) -> None:
+        self._labels: list[int] = []
+        self._last: np.ndarray | None = None
+        self._pending: np.ndarray | None = None
+        self.steps = getattr(self, "steps", [])
+
+    def step(self, frame, given=None):
+        self.steps.append(int(frame[0, 0, 0]))
+        if given is not None:
+            self._labels = sorted({*self._labels, *[int(v) for v in np.unique(given) if v]})
+            cur = given
+        else:
+            cur = self._last
+        probs = np.zeros((len(self._labels) + 1, H, W), np.float32)
+        probs[0] = 1.0
+        for k, label in enumerate(self._labels, start=1):
+            probs[k][cur == label] = 0.9
+            probs[0][cur == label] = 0.1
+        self._pending = cur
+        return probs
+
+    def commit(self, mask=None, write=None):
+        self._last = self._pending if mask is None else mask
+        return bool(write)
+
+    def snapshot(self):
+        return (list(self._labels), self._last)
+
+    def restore(self, state):
+        self._labels, self._last = list(state[0]), state[1]
+
+
+def test_backward_revision_replaces_the_frames_nearer_the_correction():
+    frames = [np.full((H, W, 3), t, np.uint8) for t in range(9)]  # pixel value = frame index
+    fixed = np.zeros((H, W), bool)
+    fixed[0:10, 0:10] = True
+
+    def user(req):
+        return Correction(mask=fixed)
+
+    cfg = LazyConfig(pseudo=False, backward=True)
+    prop = CarryPropagator()
+    s = LazySession(prop, frames, {0: first_mask()}, config=cfg, user=user, forced_user={6: [1]})
+    recs = s.run()
+    # S is equal on both passes, so the backward mask wins where w = tau / 6 > 0.5: frames 4, 5.
+    for t in (4, 5, 6, 7, 8):
+        assert (recs[t].mask.astype(bool) == fixed).all(), t
+    for t in (1, 2, 3):
+        assert (recs[t].mask == first_mask()).all(), t
+    assert [t for t in range(9) if recs[t].objects[1].revised] == [4, 5]
+    assert prop.steps == [0, 1, 2, 3, 4, 5, 6, 6, 5, 4, 3, 2, 1, 7, 8]  # back to the anchor, then on
+
+    plain = LazySession(CarryPropagator(), frames, {0: first_mask()}, config=LazyConfig(pseudo=False),
+                        user=user, forced_user={6: [1]}).run()
+    assert all((plain[t].mask == first_mask()).all() for t in range(6))  # off: the paper's behaviour
+
+
+def test_backward_revision_stops_at_the_previous_correction_and_in_deferred_mode():
+    frames = [np.full((H, W, 3), t, np.uint8) for t in range(12)]
+    a = np.zeros((H, W), bool)
+    a[0:10, 0:10] = True
+    b = np.zeros((H, W), bool)
+    b[25:35, 30:40] = True
+    cfg = LazyConfig(pseudo=False, backward=True, snapshot_every=100)
+    prop = CarryPropagator()
+    s = LazySession(prop, frames, {0: first_mask()}, config=cfg, forced_user={4: [1], 10: [1]})
+    s.run()
+    assert s.review_frames == [4, 10]
+    s.correct({(4, 1): Correction(mask=a)})
+    assert [t for t in range(12) if s.records[t].objects[1].revised] == [3]  # w = 3/4; w = 2/4 is a tie
+    prop.steps.clear()
+    s.correct({(10, 1): Correction(mask=b)})
+    # The second correction goes back to frame 5 only (frame 4 is the previous anchor) and
+    # revises the frames with w = (tau - 4) / 6 > 0.5: 8 and 9.
+    assert prop.steps == [10, 10, 9, 8, 7, 6, 5, 11]
+    assert [t for t in range(12) if s.records[t].objects[1].revised] == [3, 8, 9]
+    assert (s.records[9].mask.astype(bool) == b).all() and (s.records[7].mask.astype(bool) == a).all()
+    with pytest.raises(ValueError, match="backward_max"):
+        LazySession(CarryPropagator(), frames, {0: first_mask()}, config=LazyConfig(backward_max=0))
