@@ -102,7 +102,8 @@ class BackendSettings:
             engine=engine,
             lazy=lazy_config(engine, tau_u=opt("TAU_U"), tau_p=opt("TAU_P"), tau_m=opt("TAU_M"),
                              user_budget=int(os.environ["REVIEW_BUDGET"]) if os.environ.get("REVIEW_BUDGET") else None,
-                             detect_loss=_env_bool("DETECT_LOSS", True)),
+                             detect_loss=_env_bool("DETECT_LOSS", True),
+                             backward=_env_bool("BACKWARD_REVISION", True)),
         )
 
 

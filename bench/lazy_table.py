@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from lazyxmem_core.engines import EngineSettings
+from lazyxmem_core.engines import EngineSettings, lazy_config
 from lazyxmem_core.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,16 +29,18 @@ def main() -> None:
     p.add_argument("--correction", default="refiner", choices=("refiner", "oracle"))
     p.add_argument("--modes", default="none,pseudo,lazy,rand-lazy")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-backward", action="store_true", help="corrections change only the frames after them")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     a = p.parse_args()
     settings = EngineSettings(engine=a.engine, refiner=a.refiner)
+    config = lazy_config(settings, backward=False if a.no_backward else None)
     out = Path(a.out)
     summaries = {}
     for mode in a.modes.split(","):
         budgets = None
         if mode in ("rand-lazy", "every-k") and "lazy" in summaries:
             budgets = {name: s["N_oI"] for name, s in summaries["lazy"]["sequences"].items()}
-        summaries[mode] = evaluate(a.data, out / mode, mode=mode, settings=settings, robot=a.robot, seed=a.seed, correction=a.correction,
+        summaries[mode] = evaluate(a.data, out / mode, mode=mode, settings=settings, config=config, robot=a.robot, seed=a.seed, correction=a.correction,
                                    save_masks=False, budgets=budgets)
     rows = ["| mode | J&F | J | F | R@0.1 | R@0.25 | R@0.5 | N_oI | rate % | N_dI | dI | pseudo | fps | lazy layer | Spearman |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

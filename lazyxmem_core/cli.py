@@ -86,12 +86,16 @@ def _lazy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pseudo", action="store_true",
                    help="pseudo-corrections even with the embedded refiner (default: only with SAM)")
     p.add_argument("--pseudo-idu", action="store_true", help="write pseudo-corrected frames to memory")
+    p.add_argument("--no-backward", action="store_true",
+                   help="a correction changes only the frames after it (the paper); default: also the frames "
+                        "back to the object's previous correction")
 
 
 def _lazy_config(a: argparse.Namespace, settings: EngineSettings) -> LazyConfig:
     return lazy_config(settings, tau_u=a.tau_u, tau_p=a.tau_p, tau_m=a.tau_m, trigger=a.trigger, udu=not a.no_udu,
                        pseudo=False if a.no_pseudo else (True if a.pseudo else None), pseudo_idu=a.pseudo_idu, idu=not a.no_idu,
-                       detect_loss=a.detect_loss, user_budget=a.user_budget, min_user_gap=a.min_user_gap)
+                       detect_loss=a.detect_loss, user_budget=a.user_budget, min_user_gap=a.min_user_gap,
+                       backward=False if a.no_backward else None)
 
 
 def _settings(a: argparse.Namespace) -> EngineSettings:

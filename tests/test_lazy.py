@@ -342,3 +342,22 @@ def test_backward_revision_stops_at_the_previous_correction_and_in_deferred_mode
     assert (s.records[9].mask.astype(bool) == b).all() and (s.records[7].mask.astype(bool) == a).all()
     with pytest.raises(ValueError, match="backward_max"):
         LazySession(CarryPropagator(), frames, {0: first_mask()}, config=LazyConfig(backward_max=0))
+
+
+def test_backward_revision_is_on_in_the_engine_defaults_and_can_be_switched_off(monkeypatch):
+    import argparse
+
+    from backend.model import BackendSettings
+    from lazyxmem_core.cli import _lazy_args, _lazy_config
+    from lazyxmem_core.engines import EngineSettings, lazy_config
+
+    settings = EngineSettings(engine="embedded", refiner="embedded")
+    assert lazy_config(settings).backward and not LazyConfig().backward  # LazyConfig(): the paper
+    p = argparse.ArgumentParser()
+    _lazy_args(p)
+    assert _lazy_config(p.parse_args([]), settings).backward
+    assert not _lazy_config(p.parse_args(["--no-backward"]), settings).backward
+    monkeypatch.setenv("BACKWARD_REVISION", "false")
+    assert not BackendSettings.from_env().lazy.backward
+    monkeypatch.delenv("BACKWARD_REVISION")
+    assert BackendSettings.from_env().lazy.backward

@@ -17,9 +17,9 @@ is; the prior (the propagated mask, possibly drifted, leaking or partial) roughl
    reference's background, plus the pixels near the click that look like its object.
 4. The component holding the click (and large parts mostly inside the prior) is kept; the
    prior is kept outside the ROI only where it continues the result.
-5. The cut replaces the prior only when it scores higher under the reference's colour model
-   (sum of log-likelihood ratios over the mask); otherwise the caller falls back to the plain
-   click path. On DAVIS frames GrabCut alone often stops at an inner colour edge.
+5. The caller keeps the cut only when it scores higher under the reference's colour model
+   (``colour_score``: sum of log-likelihood ratios over the mask) than the mask it would give
+   otherwise. On DAVIS frames GrabCut alone often stops at an inner colour edge.
 """
 from __future__ import annotations
 
@@ -101,9 +101,8 @@ def reference_cut(
     ref: ReferenceModel,
     max_pixels: int = 20_000,
     iterations: int = 4,
-) -> np.ndarray | None:
-    """Bool (H, W) mask of the object the positive clicks point at (see the module docstring),
-    or None when the cut is implausible (it collapsed onto a distinctly coloured part)."""
+) -> np.ndarray:
+    """Bool (H, W) mask of the object the positive clicks point at (see the module docstring)."""
     H, W = bins.shape
     llr_full = ref.llr[bins]
     bw, bh = ref.box_wh
@@ -185,20 +184,15 @@ def reference_cut(
             out = comb & np.isin(lab_c, keep[keep > 0])
     for c in pos:
         out[int(c.y), int(c.x)] = True
-    return out if _better_than_prior(out, prior, llr_full) else None
+    return out
 
 
-def _better_than_prior(out: np.ndarray, prior: np.ndarray | None, llr: np.ndarray) -> bool:
-    """Whether the cut explains the frame better than the prior under the reference's colour
-    model: a larger sum of log-likelihood ratios over its pixels (it takes more object-like and
-    fewer background-like pixels). Rejects cuts that collapsed onto a distinctly coloured part
-    (a car's window, a dancer's shorts) as well as cuts that leaked."""
-    if prior is None or not prior.any():
-        return True
-    # A cut that shares little with the prior is more likely another object (a click off the
-    # object, as pseudo-clicks can be) than a repaired one.
-    overlap = np.count_nonzero(out & prior) / max(1, np.count_nonzero(out | prior))
-    return overlap >= 0.3 and float(llr[out].sum()) > float(llr[prior].sum())
+def colour_score(mask: np.ndarray, ref: ReferenceModel, bins: np.ndarray) -> float:
+    """Sum over the mask of the reference's log-likelihood ratio (object vs surroundings): how
+    well a candidate mask explains the frame in the reference's colours. Larger is better: it
+    rewards object-like pixels and penalises background-like ones, so it rejects both cuts that
+    collapsed onto a distinctly coloured part (a car's window) and masks that leaked."""
+    return float(ref.llr[bins[mask]].sum())
 
 
 def _component_at(mask: np.ndarray, pos: Sequence[Click]) -> np.ndarray | None:

@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from ..refine_common import FrameCache, check_prompts, frame_key
 from ..types import Box, Click
-from .reference_cut import ReferenceModel, build_reference, lab_bins, reference_cut, reference_key
+from .reference_cut import ReferenceModel, build_reference, colour_score, lab_bins, reference_cut, reference_key
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -226,9 +226,14 @@ class GrabCutRefiner:
         lab = self._lab(frame, frame_id)
         bins = self._bins.get(frame_key(frame, frame_id), lambda: lab_bins(lab))
         cut = reference_cut(lab, bins, pos, prior, model, self.max_pixels, self.iterations + 1)
-        if cut is not None:
-            return cut
-        return self.refine(frame, pos, prior=prior, frame_id=frame_id)  # the click-only path
+        # What the click asks for without the reference: nothing when it lies on the prior
+        # already (GrabCut re-segmenting a good mask loses more than it wins), else the prior
+        # grown to the clicked part. The reference's colours decide between that and the cut.
+        if prior is not None and all(prior[int(c.y), int(c.x)] for c in pos):
+            base = prior.copy()
+        else:
+            base = self.refine(frame, pos, prior=prior, frame_id=frame_id)
+        return cut if colour_score(cut, model, bins) > colour_score(base, model, bins) else base
 
     def _local_edits(self, base, seg, pos, neg, to_crop, rc, radius) -> np.ndarray:
         """Add (remove) the part of ``seg`` (of ``base``) a positive (negative) click lies on
