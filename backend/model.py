@@ -21,7 +21,7 @@ from lazyxmem_core import __version__
 from lazyxmem_core.engines import EngineSettings, build_propagator, build_refiner, lazy_config, propagator_name
 from lazyxmem_core.errors import LazyXMemError
 from lazyxmem_core.lazy import LazyConfig, LazySession
-from lazyxmem_core.media import ArrayFrames, FrameSequence, VideoFrames
+from lazyxmem_core.media import ArrayFrames, FrameSequence, VideoFrames, video_frame_count
 from lazyxmem_core.protocols import Refiner
 from lazyxmem_core.types import Click, Correction, Decision
 
@@ -204,6 +204,14 @@ class LazyXMemModel:
         if len({im.shape for im in images}) > 1:
             raise TaskError(f"task {task.get('id')}: the images of a sequence must all have one size")
         return ArrayFrames(images), 1.0
+
+    def declared_frames(self, task: dict, cfg: LabelConfig) -> int | None:
+        """A video task's frame count as its container declares it (the file is fetched, not
+        decoded); None for image sequences, tasks without regions or containers that do not say."""
+        value = (task.get("data") or {}).get(cfg.value_key)
+        if cfg.mode != "video" or not isinstance(value, str) or not initial_regions(task):
+            return None
+        return video_frame_count(self.fetcher.fetch(value))
 
     # -- building a session from Label Studio's data -------------------------------------------------
     def prompts(self, results: list[dict], cfg: LabelConfig, frames: FrameSequence) -> list[ObjectPrompt]:
@@ -398,6 +406,13 @@ class LazyXMemModel:
 
     def _predict_now(self, task: dict, cfg: LabelConfig, deadline: float) -> dict:
         task_id = int(task.get("id") or 0)
+        declared = self.declared_frames(task, cfg)
+        if declared and self.estimate_seconds(declared, len(initial_regions(task))) > deadline - time.monotonic():
+            # Too long for this request by the container's own frame count: queue it before
+            # decoding, so the answer comes back within Label Studio's timeout whatever the length.
+            job_id = self.jobs.submit(JobSpec("propagate", task, cfg.xml, self.model_version), declared)
+            log.info("task %s: about %d frames run in the background (job %s)", task_id, declared, job_id)
+            return {"result": [], "score": 0.0, "model_version": self.model_version + "-pending", "job": job_id}
         state = self.build(task, cfg)
         if state is None:
             log.info("task %s: no region to start from; empty prediction", task_id)

@@ -135,6 +135,20 @@ class VideoFrames(FrameSequence):
         return np.asarray(self._frames[index])
 
 
+def video_frame_count(path: str | os.PathLike) -> int | None:
+    """The frame count the container declares, read without decoding (None when it declares none).
+
+    Only an estimate: some containers round it or omit it. Good enough to decide whether a video
+    is too long to propagate inside a request, not to index frames.
+    """
+    cap = cv2.VideoCapture(str(path))
+    try:
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if cap.isOpened() else 0
+    finally:
+        cap.release()
+    return n if n > 0 else None
+
+
 class ArrayFrames(FrameSequence):
     """Frames already in memory (tests, the web backend)."""
 

@@ -165,8 +165,12 @@ def test_interactive_click_answers_now_and_posts_a_revised_prediction(client, fa
     assert all(j["status"] == "finished" for j in jobs), jobs
     posted = [p["json"] for p in FakeLabelStudio.posted if p["path"].startswith("/api/predictions")]
     assert posted and posted[-1]["task"] == 2 and posted[-1]["model_version"].endswith("-r1")
-    assert client.model.held(2).session.records[6].objects[1].answered
-    assert all((a == b).all() for a, b in zip(before[:6], client.model.held(2).masks()[:6]))
+    held = client.model.held(2)
+    assert held.session.records[6].objects[1].answered
+    # Earlier frames change only where the correction's backward pass revised them.
+    assert (held.masks()[0] == before[0]).all()
+    assert all((a == b).all() or held.session.records[t].objects[1].revised
+               for t, (a, b) in enumerate(zip(before[:6], held.masks()[:6])))
 
 
 def test_annotation_update_reprapagates_from_the_changed_frame_and_never_touches_the_annotation(client, fake_ls):
@@ -187,16 +191,32 @@ def test_annotation_update_reprapagates_from_the_changed_frame_and_never_touches
     after = client.model.held(2).masks()
     assert (after[8].astype(bool) == fixed).all()
     assert any((a != b).any() for a, b in zip(before[9:], after[9:]))  # later frames changed
-    assert all((a == b).all() for a, b in zip(before[:8], after[:8]))
+    records = client.model.held(2).session.records
+    assert (after[0] == before[0]).all()
+    assert all((a == b).all() or records[t].objects[1].revised for t, (a, b) in enumerate(zip(before[:8], after[:8])))
     posts = [p for p in FakeLabelStudio.posted if p["path"].startswith("/api/predictions")]
     assert posts and not any(p["path"].startswith("/api/annotations") for p in FakeLabelStudio.posted)
 
 
-def test_long_video_goes_to_the_background_and_its_prediction_is_posted(client, fake_ls):
+def test_long_video_goes_to_the_background_and_its_prediction_is_posted(client, fake_ls, monkeypatch):
+    import threading
+
+    import backend.model
+
     _, video = fake_ls
     client.model.settings = BackendSettings(**{**client.model.settings.__dict__, "sync_budget_s": 0.0})
+    decoded_in = []
+    real = backend.model.VideoFrames
+
+    def recording(*args, **kwargs):
+        decoded_in.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend.model, "VideoFrames", recording)
     r = predict(client, [video_task(video, task_id=5)], VIDEO_CFG)
     assert r.status_code == 200
+    # Queued on the container's declared frame count: the request itself decoded nothing.
+    assert threading.current_thread() not in decoded_in
     res = r.json["results"][0]
     assert res["model_version"].endswith("-pending") and res["result"] == []
     job = client.get(f"/jobs/{res['job']}", headers=AUTH)
@@ -205,6 +225,7 @@ def test_long_video_goes_to_the_background_and_its_prediction_is_posted(client, 
     assert client.get(f"/jobs/{res['job']}", headers=AUTH).json["done"] == N
     posted = [p["json"] for p in FakeLabelStudio.posted if p["path"].startswith("/api/predictions")]
     assert posted[-1]["task"] == 5 and any(x["type"] == "videorectangle" for x in posted[-1]["result"])
+    assert decoded_in and threading.current_thread() not in decoded_in  # the job decoded it
 
 
 def test_masks_download_png_and_coco(client, fake_ls):

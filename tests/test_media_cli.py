@@ -174,3 +174,17 @@ def test_score_command_prints_and_writes_json(tmp_path, capsys):
     assert result["R@0.5"] == 1.0 and result["sequences"]["seq"]["J"] == pytest.approx(0.5)
     assert "seq" in capsys.readouterr().out
     assert main(["score", "--pred", str(tmp_path / "nope"), "--gt", str(tmp_path / "gt")]) == 2
+
+
+def test_video_frame_count_reads_the_container_without_decoding(tmp_path):
+    from lazyxmem_core.media import video_frame_count
+
+    v = make_video(n_frames=12, size=(64, 96))
+    path = tmp_path / "clip.avi"
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 64))
+    for f in v.frames:
+        w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    w.release()
+    assert video_frame_count(path) == 12 == len(VideoFrames(path))
+    (tmp_path / "not-a-video.avi").write_bytes(b"nothing here")
+    assert video_frame_count(tmp_path / "not-a-video.avi") is None
