@@ -12,7 +12,8 @@ from PIL import Image
 
 from lazyxmem_core.cli import main
 from lazyxmem_core.errors import MediaError
-from lazyxmem_core.media import FrameDir, VideoFrames, davis_palette, read_index_mask, write_index_mask
+from lazyxmem_core.media import (FrameDir, VideoFrames, davis_palette, read_index_mask, video_frame_count,
+                                 write_index_mask)
 from synthetic import make_video
 
 
@@ -49,12 +50,14 @@ def test_video_file_is_decoded_with_random_access(tmp_path):
     for f in video.frames:
         w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
     w.release()
+    assert video_frame_count(path) == 6  # what the container declares, read without decoding
     frames = VideoFrames(path)
     assert len(frames) == 6 and frames[3].shape == (64, 80, 3)
     assert np.abs(frames[5].astype(int) - video.frames[5]).mean() < 12  # lossy codec, same picture
     (tmp_path / "broken.mp4").write_bytes(b"\x00" * 1000)
     with pytest.raises(MediaError, match="cannot decode video"):
         VideoFrames(tmp_path / "broken.mp4")
+    assert video_frame_count(tmp_path / "broken.mp4") is None
 
 
 def test_frame_dir_errors(tmp_path):
@@ -175,16 +178,3 @@ def test_score_command_prints_and_writes_json(tmp_path, capsys):
     assert "seq" in capsys.readouterr().out
     assert main(["score", "--pred", str(tmp_path / "nope"), "--gt", str(tmp_path / "gt")]) == 2
 
-
-def test_video_frame_count_reads_the_container_without_decoding(tmp_path):
-    from lazyxmem_core.media import video_frame_count
-
-    v = make_video(n_frames=12, size=(64, 96))
-    path = tmp_path / "clip.avi"
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 64))
-    for f in v.frames:
-        w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-    w.release()
-    assert video_frame_count(path) == 12 == len(VideoFrames(path))
-    (tmp_path / "not-a-video.avi").write_bytes(b"nothing here")
-    assert video_frame_count(tmp_path / "not-a-video.avi") is None
