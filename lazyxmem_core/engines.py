@@ -102,7 +102,7 @@ def lazy_config(settings: EngineSettings, **overrides: Any) -> LazyConfig:
         thresholds = dict(EmbeddedPropagator.lazy_thresholds)
     if refiner_name(settings) == "embedded":
         # A single automatic click tells GrabCut almost nothing that the propagated mask does not:
-        # on DAVIS 2016 pseudo-corrections through it cost 2.4 J&F (64.2 -> 61.8). SAM's
+        # on DAVIS 2016 pseudo-corrections through it cost 2.2 J&F (64.2 -> 62.0). SAM's
         # objectness is what makes them pay in the paper, so they are on only with SAM.
         thresholds["pseudo"] = False
     # A correction revises the frames before it too (not in the paper): with ground-truth masks as
