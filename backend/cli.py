@@ -48,8 +48,10 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
     with tqdm(total=len(jobs), unit="task", desc="pre-annotate") as bar:
         while len(finished) < len(jobs):
             for job_id in jobs.values():
+                if job_id in finished:
+                    continue
                 status = model.jobs.status(job_id)
-                if job_id not in finished and status and status["status"] in ("finished", "failed"):
+                if status and status["status"] in ("finished", "failed"):
                     finished[job_id] = status
                     bar.update(1)
             time.sleep(0.5)

@@ -207,9 +207,9 @@ class LazyXMemModel:
 
     def declared_frames(self, task: dict, cfg: LabelConfig) -> int | None:
         """A video task's frame count as its container declares it (the file is fetched, not
-        decoded); None for image sequences, tasks without regions or containers that do not say."""
+        decoded); None for image sequences or containers that do not say."""
         value = (task.get("data") or {}).get(cfg.value_key)
-        if cfg.mode != "video" or not isinstance(value, str) or not initial_regions(task):
+        if cfg.mode != "video" or not isinstance(value, str):
             return None
         return video_frame_count(self.fetcher.fetch(value))
 
@@ -241,9 +241,7 @@ class LazyXMemModel:
                 raise TaskError(f"task {task_id}: region {p.key} gives an empty mask on frame {p.frame + 1}")
             given.setdefault(p.frame, np.zeros((h, w), np.uint8))[mask] = value
             objects.append((value, p.label))
-        propagator = build_propagator(self.settings.engine)
-        if hasattr(propagator, "video_length"):  # XMem: usage counting and the last frame depend on it
-            propagator.video_length = len(frames) - min(given)
+        propagator = build_propagator(self.settings.engine, video_length=len(frames) - min(given))
         session = LazySession(propagator, frames, given, refiner=self.refiner(),
                               config=self.settings.lazy or lazy_config(self.settings.engine, detect_loss=True))
         return TaskState(task_id, cfg, frames, objects, session, fps, task=task, label_config=cfg.xml)
@@ -406,11 +404,12 @@ class LazyXMemModel:
 
     def _predict_now(self, task: dict, cfg: LabelConfig, deadline: float) -> dict:
         task_id = int(task.get("id") or 0)
-        declared = self.declared_frames(task, cfg)
-        if declared and self.estimate_seconds(declared, len(initial_regions(task))) > deadline - time.monotonic():
+        regions = initial_regions(task)
+        declared = self.declared_frames(task, cfg) if regions else None
+        if declared and self.estimate_seconds(declared, len(regions)) > deadline - time.monotonic():
             # Too long for this request by the container's own frame count: queue it before
             # decoding, so the answer comes back within Label Studio's timeout whatever the length.
-            job_id = self.jobs.submit(JobSpec("propagate", task, cfg.xml, self.model_version), declared)
+            job_id = self.submit("propagate", task, cfg.xml, declared)
             log.info("task %s: about %d frames run in the background (job %s)", task_id, declared, job_id)
             return {"result": [], "score": 0.0, "model_version": self.model_version + "-pending", "job": job_id}
         state = self.build(task, cfg)

@@ -129,9 +129,7 @@ def cmd_propagate(a: argparse.Namespace) -> int:
 
     settings = _settings(a)
     config = LazyConfig.off() if a.no_lazy else _lazy_config(a, settings)
-    propagator = build_propagator(settings, xmem_knobs=_xmem_knobs(a))
-    if hasattr(propagator, "video_length"):  # XMem: usage counting and the last frame depend on it
-        propagator.video_length = len(frames) - min(given)
+    propagator = build_propagator(settings, xmem_knobs=_xmem_knobs(a), video_length=len(frames) - min(given))
     refiner = None if (a.no_lazy or settings.refiner == "none") else build_refiner(settings)
     if refiner is None and config.pseudo:
         config = LazyConfig(**{**config.__dict__, "pseudo": False})

@@ -53,13 +53,16 @@ def propagator_name(settings: EngineSettings) -> str:
     return settings.engine
 
 
-def build_propagator(settings: EngineSettings, xmem_knobs: dict[str, Any] | None = None) -> Propagator:
-    """xmem_knobs: XMemConfig fields (size, mem_every, top_k, ...) for the XMem engine; None: defaults."""
+def build_propagator(settings: EngineSettings, xmem_knobs: dict[str, Any] | None = None,
+                     video_length: int | None = None) -> Propagator:
+    """xmem_knobs: XMemConfig fields (size, mem_every, top_k, ...) for the XMem engine; None: defaults.
+    video_length: frames from the first annotated one to the end, when known (XMem decides usage
+    counting and skips the last memory write by it, as the official evaluation does)."""
     name = propagator_name(settings)
     if name == "xmem":
         if not settings.xmem_checkpoint:
             raise LazyXMemError("the XMem engine needs a checkpoint: pass --xmem-checkpoint PATH or set XMEM_CHECKPOINT")
-        return _xmem_propagator(settings.xmem_checkpoint, settings.device, xmem_knobs or {})
+        return _xmem_propagator(settings.xmem_checkpoint, settings.device, xmem_knobs or {}, video_length)
     from .embedded import EmbeddedPropagator
 
     log.info("engine: embedded (no weights)%s", "" if settings.engine == "embedded" else ", no XMem checkpoint configured")
@@ -70,7 +73,7 @@ _XMEM_NETS: dict[tuple, tuple[Any, Any, Any]] = {}
 _XMEM_LOCK = threading.Lock()
 
 
-def _xmem_propagator(path: str, device: str, knobs: dict[str, Any]) -> Propagator:
+def _xmem_propagator(path: str, device: str, knobs: dict[str, Any], video_length: int | None) -> Propagator:
     """An XMem propagator with its own memory on the process's one copy of the network: the
     weights load once per process (a worker serves many tasks), not once per task."""
     from .xmem import XMemPropagator
@@ -87,7 +90,7 @@ def _xmem_propagator(path: str, device: str, knobs: dict[str, Any]) -> Propagato
             loaded = XMemPropagator.from_checkpoint(path, device=device, **knobs)
             _XMEM_NETS[key] = (loaded.net, loaded.config, loaded.device)
         net, config, dev = _XMEM_NETS[key]
-    return XMemPropagator(net, config, dev)
+    return XMemPropagator(net, config, dev, video_length=video_length)
 
 
 def lazy_config(settings: EngineSettings, **overrides: Any) -> LazyConfig:

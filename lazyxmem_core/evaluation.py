@@ -113,10 +113,11 @@ def run_sequence(
 ) -> SequenceResult:
     """Run one sequence in one mode and score it against its ground truth."""
     cfg = _config_for(mode, config or lazy_config(settings))
-    propagator = build_propagator(settings)
+    given = seq.initial_masks()
+    propagator = build_propagator(settings, video_length=len(seq.frames) - min(given))
     refiner = build_refiner(settings) if (cfg.pseudo or mode != "none") else None
     user = simulated_user(seq.gt, robot, correction) if mode != "none" else None
-    session = LazySession(propagator, seq.frames, seq.initial_masks(), refiner=refiner, config=cfg,
+    session = LazySession(propagator, seq.frames, given, refiner=refiner, config=cfg,
                           user=user, forced_user=forced_user)
     t0 = time.perf_counter()
     records = session.run(progress=progress)

@@ -370,8 +370,8 @@ class _OomOnCuda:
     def __init__(self, model, real_build):
         self.model, self.real_build = model, real_build
 
-    def __call__(self, settings):
-        prop = self.real_build(settings)
+    def __call__(self, settings, **kwargs):
+        prop = self.real_build(settings, **kwargs)
         if settings.device == "cuda":
             def step(*a, **k):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

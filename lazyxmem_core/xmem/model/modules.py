@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fastconv import Conv2d
-from .resnet import BasicBlock, Bottleneck, make_layer
+from .resnet import BasicBlock, Bottleneck, make_layer, stem
 
 
 def conv3x3(cin: int, cout: int) -> Conv2d:
@@ -157,9 +157,7 @@ class KeyEncoder(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv1, self.bn1, self.maxpool = stem(3)
         self.res2 = make_layer(Bottleneck, 64, 64, 3, 1)
         self.layer2 = make_layer(Bottleneck, 256, 128, 4, 2)
         self.layer3 = make_layer(Bottleneck, 512, 256, 6, 2)
@@ -191,9 +189,7 @@ class ValueEncoder(nn.Module):
 
     def __init__(self, value_dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.conv1 = Conv2d(5, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv1, self.bn1, self.maxpool = stem(5)  # image, its mask, the other objects' masks
         self.layer1 = make_layer(BasicBlock, 64, 64, 2, 1)
         self.layer2 = make_layer(BasicBlock, 64, 128, 2, 2)
         self.layer3 = make_layer(BasicBlock, 128, 256, 2, 2)

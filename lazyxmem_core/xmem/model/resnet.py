@@ -49,6 +49,13 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+def stem(in_channels: int) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d]:
+    """ResNet's 7x7 stride-2 conv, BN and 3x3 stride-2 max-pool (to /4), unpacked so that the
+    owning module keeps the official parameter names (conv1, bn1)."""
+    conv, bn = _conv_bn(in_channels, 64, 7, stride=2)
+    return conv, bn, nn.MaxPool2d(3, stride=2, padding=1)
+
+
 def make_layer(block: type, cin: int, width: int, blocks: int, stride: int) -> nn.Sequential:
     expansion = 4 if block is Bottleneck else 1
     layers = [block(cin, width, stride)]
