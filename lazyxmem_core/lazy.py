@@ -42,6 +42,10 @@ class LazyConfig:
     loss_min_area: int = 400  # ... for objects at least this big on the previous frame
     user_budget: int | None = None  # at most this many user requests per video (None: no limit)
     min_user_gap: int = 0  # at least this many frames between two requests for one object
+    # Sustained uncertainty (not in the paper): slow drift never makes dS jump, so also ask when
+    # S_c has stayed above tau_s for level_run frames in a row since the object's last human mask.
+    tau_s: float | None = None
+    level_run: int = 10
     snapshot_every: int = 10  # keep the propagator's state every k frames for deferred corrections
     # A user correction is also propagated backwards, to the object's previous human-made mask, and
     # revises the frames in between where the backward mask is the better bet (not in the paper;
@@ -115,6 +119,7 @@ class LazySession:
         self._n_user = 0
         self._reference: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # label -> (frame, mask) a human gave
         self._anchor: dict[int, int] = {}  # label -> last frame where a human gave or corrected its mask
+        self._high_run: dict[int, int] = {}  # label -> frames in a row with S above tau_s
         self._next = self.start
         if self.config.backward_max < 1:
             raise ValueError(f"backward_max must be >= 1, got {self.config.backward_max}")
@@ -338,6 +343,10 @@ class LazySession:
         value = S if cfg.trigger == "S" else dS
         if cfg.user and value is not None and value > cfg.tau_u and self._user_allowed(t, label):
             return self._count_user(t, label)
+        if cfg.tau_s is not None:
+            run = self._high_run[label] = self._high_run.get(label, 0) + 1 if S > cfg.tau_s else 0
+            if cfg.user and run >= cfg.level_run and self._user_allowed(t, label):
+                return self._count_user(t, label)
         prev_area = self._prev_area.get(label, 0)
         if (cfg.detect_loss and prev_area >= cfg.loss_min_area and area < cfg.loss_ratio * prev_area
                 and self._user_allowed(t, label)):
@@ -356,6 +365,7 @@ class LazySession:
     def _count_user(self, t: int, label: int) -> Decision:
         self._n_user += 1
         self._last_user[label] = t
+        self._high_run[label] = 0
         return Decision.USER
 
     def _user_correction(self, t: int, label: int, frame: np.ndarray, output: np.ndarray, rec: ObjectRecord) -> Correction | None:
@@ -381,7 +391,7 @@ class LazySession:
     def _controller_state(self) -> dict[str, Any]:
         return {"prev_S": dict(self._prev_S), "prev_area": dict(self._prev_area),
                 "last_user": dict(self._last_user), "n_user": self._n_user, "reference": dict(self._reference),
-                "anchor": dict(self._anchor)}
+                "anchor": dict(self._anchor), "high_run": dict(self._high_run)}
 
     def _restore_controller(self, state: dict[str, Any]) -> None:
         self._prev_S = dict(state["prev_S"])
@@ -390,10 +400,11 @@ class LazySession:
         self._n_user = state["n_user"]
         self._reference = dict(state["reference"])
         self._anchor = dict(state["anchor"])
+        self._high_run = dict(state.get("high_run", {}))
 
     def _reset_controller(self) -> None:
         self._restore_controller({"prev_S": {}, "prev_area": {}, "last_user": {}, "n_user": 0, "reference": {},
-                                  "anchor": {}})
+                                  "anchor": {}, "high_run": {}})
 
     def _periodic(self, t: int) -> bool:
         return t == self.start or (t - self.start) % max(1, self.config.snapshot_every) == 0

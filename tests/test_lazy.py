@@ -178,6 +178,24 @@ def test_trigger_on_S_and_budget():
     assert recs[3].objects[1].decision is Decision.PSEUDO and recs[1].objects[1].decision is Decision.NONE
 
 
+def test_sustained_uncertainty_asks_after_a_run_of_high_S_and_is_off_by_default():
+    #        t: 0    1    2    3 (dip) 4    5    6    7    8    9
+    script = [0.0, 0.6, 0.6, 0.3, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]
+    frames = [np.zeros((H, W, 3), np.uint8) for _ in script]
+
+    def users(config):
+        recs = LazySession(ScriptedPropagator(script), frames, {0: first_mask()}, refiner=RecordingRefiner(),
+                           config=config).run()
+        return [r.index for r in recs if r.objects[1].decision is Decision.USER]
+
+    # dS never exceeds tau_u: the paper's trigger stays silent on a slow, steady failure
+    assert users(LazyConfig(pseudo=False)) == []
+    # three frames in a row above tau_s ask once; the dip at 3 restarts the count, a request too
+    assert users(LazyConfig(pseudo=False, tau_s=0.5, level_run=3)) == [6, 9]
+    assert users(LazyConfig(pseudo=False, tau_s=0.5, level_run=3, user_budget=1)) == [6]
+    assert users(LazyConfig(pseudo=False, tau_s=0.65, level_run=3)) == []
+
+
 def test_off_config_never_corrects_or_vetoes():
     prop = ScriptedPropagator(SCRIPT)
     recs = LazySession(prop, FRAMES, {0: first_mask()}, config=LazyConfig.off()).run()
