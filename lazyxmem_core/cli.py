@@ -81,6 +81,11 @@ def _lazy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detect-loss", action="store_true", help="also ask the user when an object's area collapses")
     p.add_argument("--user-budget", type=int, default=None, help="at most this many review requests per video")
     p.add_argument("--min-user-gap", type=int, default=None, help="frames between two requests for one object")
+    p.add_argument("--tau-s", type=float, default=None,
+                   help="sustained uncertainty: ask when S stays above this for --level-run frames (default: the "
+                        "engine's; embedded 0.8, XMem off)")
+    p.add_argument("--level-run", type=int, default=None, help="frames in a row above --tau-s (default: 15 embedded)")
+    p.add_argument("--no-sustained", action="store_true", help="only the paper's dS trigger asks the user")
     for name in ("udu", "pseudo", "idu"):
         p.add_argument(f"--no-{name}", action="store_true", help=f"disable {name.upper()}")
     p.add_argument("--pseudo", action="store_true",
@@ -95,7 +100,8 @@ def _lazy_config(a: argparse.Namespace, settings: EngineSettings) -> LazyConfig:
     return lazy_config(settings, tau_u=a.tau_u, tau_p=a.tau_p, tau_m=a.tau_m, trigger=a.trigger, udu=not a.no_udu,
                        pseudo=False if a.no_pseudo else (True if a.pseudo else None), pseudo_idu=a.pseudo_idu, idu=not a.no_idu,
                        detect_loss=a.detect_loss, user_budget=a.user_budget, min_user_gap=a.min_user_gap,
-                       backward=False if a.no_backward else None)
+                       backward=False if a.no_backward else None, tau_s=a.tau_s, level_run=a.level_run,
+                       sustained=not a.no_sustained)
 
 
 def _settings(a: argparse.Namespace) -> EngineSettings:

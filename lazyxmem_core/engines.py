@@ -93,11 +93,11 @@ def _xmem_propagator(path: str, device: str, knobs: dict[str, Any], video_length
     return XMemPropagator(net, config, dev, video_length=video_length)
 
 
-def lazy_config(settings: EngineSettings, **overrides: Any) -> LazyConfig:
+def lazy_config(settings: EngineSettings, sustained: bool = True, **overrides: Any) -> LazyConfig:
     """The Lazy controller's configuration for the engines ``settings`` picks: thresholds on the
     propagator's uncertainty scale (XMem: the paper's), pseudo-corrections only with a refiner
     that can make them (SAM), backward revision of corrections on, then ``overrides`` (None
-    values ignored)."""
+    values ignored). ``sustained=False`` turns the sustained-uncertainty trigger off."""
     thresholds: dict[str, Any] = {}
     if propagator_name(settings) == "embedded":
         from .embedded import EmbeddedPropagator
@@ -111,6 +111,8 @@ def lazy_config(settings: EngineSettings, **overrides: Any) -> LazyConfig:
     # A correction revises the frames before it too (not in the paper): with ground-truth masks as
     # corrections it adds 1.7 J&F on DAVIS 2016 (67.2 -> 68.9) at the same 9 corrections.
     values = {"backward": True, **thresholds, **{k: v for k, v in overrides.items() if v is not None}}
+    if not sustained:
+        values["tau_s"] = None
     return LazyConfig(**values)
 
 

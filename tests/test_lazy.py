@@ -379,3 +379,27 @@ def test_backward_revision_is_on_in_the_engine_defaults_and_can_be_switched_off(
     assert not BackendSettings.from_env().lazy.backward
     monkeypatch.delenv("BACKWARD_REVISION")
     assert BackendSettings.from_env().lazy.backward
+
+
+def test_sustained_trigger_is_on_for_the_embedded_engine_and_can_be_switched_off(monkeypatch):
+    import argparse
+
+    from backend.model import BackendSettings
+    from lazyxmem_core.cli import _lazy_args, _lazy_config
+    from lazyxmem_core.engines import EngineSettings, lazy_config
+
+    embedded = EngineSettings(engine="embedded", refiner="embedded")
+    assert LazyConfig().tau_s is None  # the paper: dS only
+    assert lazy_config(embedded).tau_s == 0.8 and lazy_config(embedded).level_run == 15
+    assert lazy_config(embedded, sustained=False).tau_s is None
+    p = argparse.ArgumentParser()
+    _lazy_args(p)
+    assert _lazy_config(p.parse_args(["--no-sustained"]), embedded).tau_s is None
+    cfg = _lazy_config(p.parse_args(["--tau-s", "0.7", "--level-run", "8"]), embedded)
+    assert (cfg.tau_s, cfg.level_run) == (0.7, 8)
+    monkeypatch.setenv("LAZYXMEM_ENGINE", "embedded")
+    monkeypatch.setenv("TAU_S", "0.9")
+    monkeypatch.setenv("LEVEL_RUN", "20")
+    assert (BackendSettings.from_env().lazy.tau_s, BackendSettings.from_env().lazy.level_run) == (0.9, 20)
+    monkeypatch.setenv("SUSTAINED_TRIGGER", "false")
+    assert BackendSettings.from_env().lazy.tau_s is None

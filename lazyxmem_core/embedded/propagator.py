@@ -51,8 +51,9 @@ class EmbeddedPropagator:
     # XMem's, so S and dS move less: the paper's quantiles (user requests on ~1-2 % of frames,
     # pseudo-corrections on a few %) are met by these values, measured on DAVIS 2016 dS/S
     # distributions (98th percentile of dS 0.09, 95th 0.05; 97th of S 1.2). Its dS stays high for
-    # a few frames after a failure, so requests for one object are spaced.
-    lazy_thresholds = {"tau_u": 0.09, "tau_p": 0.05, "tau_m": 1.2, "min_user_gap": 5}
+    # a few frames after a failure, so requests for one object are spaced. Sustained uncertainty:
+    # S above its 80th percentile (0.8) for 15 frames in a row, which slow drift shows and dS not.
+    lazy_thresholds = {"tau_u": 0.09, "tau_p": 0.05, "tau_m": 1.2, "min_user_gap": 5, "tau_s": 0.8, "level_run": 15}
 
     def __init__(
         self,
