@@ -43,7 +43,9 @@ class LazyConfig:
     user_budget: int | None = None  # at most this many user requests per video (None: no limit)
     min_user_gap: int = 0  # at least this many frames between two requests for one object
     # Sustained uncertainty (not in the paper): slow drift never makes dS jump, so also ask when
-    # S_c has stayed above tau_s for level_run frames in a row since the object's last human mask.
+    # S_c has stayed above tau_s for level_run frames in a row. Each such request for an object
+    # doubles the run it needs next: an object that stays uncertain after corrections is one whose
+    # uncertainty says little, and the requests stay a vanishing share of a long video.
     tau_s: float | None = None
     level_run: int = 10
     snapshot_every: int = 10  # keep the propagator's state every k frames for deferred corrections
@@ -120,6 +122,7 @@ class LazySession:
         self._reference: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # label -> (frame, mask) a human gave
         self._anchor: dict[int, int] = {}  # label -> last frame where a human gave or corrected its mask
         self._high_run: dict[int, int] = {}  # label -> frames in a row with S above tau_s
+        self._level_asks: dict[int, int] = {}  # label -> requests made by the sustained trigger
         self._next = self.start
         if self.config.backward_max < 1:
             raise ValueError(f"backward_max must be >= 1, got {self.config.backward_max}")
@@ -345,7 +348,9 @@ class LazySession:
             return self._count_user(t, label)
         if cfg.tau_s is not None:
             run = self._high_run[label] = self._high_run.get(label, 0) + 1 if S > cfg.tau_s else 0
-            if cfg.user and run >= cfg.level_run and self._user_allowed(t, label):
+            asked = self._level_asks.get(label, 0)
+            if cfg.user and run >= cfg.level_run * 2 ** asked and self._user_allowed(t, label):
+                self._level_asks[label] = asked + 1
                 return self._count_user(t, label)
         prev_area = self._prev_area.get(label, 0)
         if (cfg.detect_loss and prev_area >= cfg.loss_min_area and area < cfg.loss_ratio * prev_area
@@ -391,7 +396,8 @@ class LazySession:
     def _controller_state(self) -> dict[str, Any]:
         return {"prev_S": dict(self._prev_S), "prev_area": dict(self._prev_area),
                 "last_user": dict(self._last_user), "n_user": self._n_user, "reference": dict(self._reference),
-                "anchor": dict(self._anchor), "high_run": dict(self._high_run)}
+                "anchor": dict(self._anchor), "high_run": dict(self._high_run),
+                "level_asks": dict(self._level_asks)}
 
     def _restore_controller(self, state: dict[str, Any]) -> None:
         self._prev_S = dict(state["prev_S"])
@@ -400,11 +406,12 @@ class LazySession:
         self._n_user = state["n_user"]
         self._reference = dict(state["reference"])
         self._anchor = dict(state["anchor"])
-        self._high_run = dict(state.get("high_run", {}))
+        self._high_run = dict(state["high_run"])
+        self._level_asks = dict(state["level_asks"])
 
     def _reset_controller(self) -> None:
         self._restore_controller({"prev_S": {}, "prev_area": {}, "last_user": {}, "n_user": 0, "reference": {},
-                                  "anchor": {}, "high_run": {}})
+                                  "anchor": {}, "high_run": {}, "level_asks": {}})
 
     def _periodic(self, t: int) -> bool:
         return t == self.start or (t - self.start) % max(1, self.config.snapshot_every) == 0

@@ -179,8 +179,8 @@ def test_trigger_on_S_and_budget():
 
 
 def test_sustained_uncertainty_asks_after_a_run_of_high_S_and_is_off_by_default():
-    #        t: 0    1    2    3 (dip) 4    5    6    7    8    9
-    script = [0.0, 0.6, 0.6, 0.3, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]
+    #        t: 0    1    2    3 (dip) 4 ... 23
+    script = [0.0, 0.6, 0.6, 0.3] + [0.6] * 20
     frames = [np.zeros((H, W, 3), np.uint8) for _ in script]
 
     def users(config):
@@ -190,8 +190,9 @@ def test_sustained_uncertainty_asks_after_a_run_of_high_S_and_is_off_by_default(
 
     # dS never exceeds tau_u: the paper's trigger stays silent on a slow, steady failure
     assert users(LazyConfig(pseudo=False)) == []
-    # three frames in a row above tau_s ask once; the dip at 3 restarts the count, a request too
-    assert users(LazyConfig(pseudo=False, tau_s=0.5, level_run=3)) == [6, 9]
+    # three frames in a row above tau_s ask (t=6; the dip at 3 restarts the count); each request
+    # doubles the run the next one needs: 6 frames (t=12), then 12 (t=24, past the end)
+    assert users(LazyConfig(pseudo=False, tau_s=0.5, level_run=3)) == [6, 12]
     assert users(LazyConfig(pseudo=False, tau_s=0.5, level_run=3, user_budget=1)) == [6]
     assert users(LazyConfig(pseudo=False, tau_s=0.65, level_run=3)) == []
 

@@ -58,6 +58,7 @@ class GrabCutRefiner:
         self.colour_tolerance = colour_tolerance
         self.trust_iou = trust_iou
         self.reach = 3.0  # a click edits up to this many times its depth in the error region
+        self.collapse = 0.4  # a reference cut below this share of the prior's and reference's area is rejected
         self._cache: FrameCache[np.ndarray] = FrameCache(cache_size)
         self._bins: FrameCache[np.ndarray] = FrameCache(cache_size)
         self._refs: FrameCache[ReferenceModel | None] = FrameCache(cache_size)
@@ -233,6 +234,12 @@ class GrabCutRefiner:
             base = prior.copy()
         else:
             base = self.refine(frame, pos, prior=prior, frame_id=frame_id)
+        # A cut far smaller than both the prior and the reference is GrabCut stopping at an inner
+        # colour edge (a car's windows), not the object shrinking: on DAVIS the colour score still
+        # preferred 3 such cuts of 19 it took over a clicked prior, each losing 0.3 IoU or more.
+        sizes = [model.area] + ([float(prior.sum())] if prior is not None else [])
+        if cut.sum() < self.collapse * min(sizes):
+            return base
         return cut if colour_score(cut, model, bins) > colour_score(base, model, bins) else base
 
     def _local_edits(self, base, seg, pos, neg, to_crop, rc, radius) -> np.ndarray:
