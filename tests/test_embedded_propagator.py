@@ -165,6 +165,29 @@ def test_idu_repairs_a_drifted_track() -> None:
     assert np.mean(good) > np.mean(bad) + 0.3 and np.mean(good) > 0.8
 
 
+def test_committing_its_own_prediction_changes_nothing_and_a_correction_only_where_it_differs() -> None:
+    # Working resolution below the frame's: the committed full-size mask must be brought down
+    # without moving the boundary pixels the propagator predicted itself.
+    frames, masks = make_video(n=8)
+    a, b = EmbeddedPropagator(work_size=64), EmbeddedPropagator(work_size=64)
+    for t in range(4):
+        pa = a.step(frames[t], masks[0] if t == 0 else None)
+        pb = b.step(frames[t], masks[0] if t == 0 else None)
+        a.commit()
+        b.commit(mask=pa.argmax(0).astype(np.uint8))  # the same prediction, at full size
+    np.testing.assert_array_equal(a.snapshot()["prev"]["mask"], b.snapshot()["prev"]["mask"])
+    np.testing.assert_array_equal(a.step(frames[4]), b.step(frames[4]))
+
+    probs = b.snapshot()["pending"]["probs"]  # frame 4 at the working size (48 x 64)
+    own = probs.argmax(0)
+    pred = EmbeddedPropagator._upsample(probs, *frames[4].shape[:2]).argmax(0).astype(np.uint8)
+    pred[:20, :20] = 1  # a correction in the top-left corner only
+    b.commit(mask=pred)
+    small = b.snapshot()["prev"]["mask"]
+    assert (small[:9, :9] == 1).all()  # 20 px of 96 -> 10 of 48
+    np.testing.assert_array_equal(small[12:, 12:], own[12:, 12:])
+
+
 def test_memory_schedule_and_veto() -> None:
     frames, masks = make_video(n=14)
     prop = EmbeddedPropagator(mem_every=3)
