@@ -1,7 +1,6 @@
 """GrabCutRefiner on synthetic images: a textured disc on a differently textured background."""
 from __future__ import annotations
 
-import time
 
 import cv2
 import numpy as np
@@ -107,18 +106,6 @@ def test_bad_inputs(ref, scene) -> None:
         ref.refine(img, [Click(10, 10, positive=False)])
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         ref.refine(img[..., 0], [Click(10, 10)])
-
-
-def test_speed_854x480() -> None:
-    rng = np.random.default_rng(1)
-    img = cv2.GaussianBlur(rng.integers(0, 256, (480, 854, 3), dtype=np.uint8), (0, 0), 2)
-    prior = np.zeros((480, 854), np.uint8)
-    cv2.ellipse(prior, (400, 250), (120, 90), 0, 0, 360, 1, -1)
-    ref = GrabCutRefiner()
-    ref.refine(img, [Click(400, 250)], prior=prior.astype(bool), frame_id=0)
-    t = time.perf_counter()
-    ref.refine(img, [Click(410, 250)], prior=prior.astype(bool), frame_id=0)
-    assert time.perf_counter() - t < 1.0  # target 0.15 s; loose bound for shared CI machines
 
 
 # ---------------------------------------------------------------- reference-guided path
