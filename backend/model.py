@@ -101,10 +101,11 @@ class BackendSettings:
             preannotate_on_import=_env_bool("PREANNOTATE_ON_IMPORT", True),
             engine=engine,
             lazy=lazy_config(engine, tau_u=opt("TAU_U"), tau_p=opt("TAU_P"), tau_m=opt("TAU_M"),
-                             user_budget=int(os.environ["REVIEW_BUDGET"]) if os.environ.get("REVIEW_BUDGET") else None,
+                             user_budget=int(_env_float("REVIEW_BUDGET", 0)) if os.environ.get("REVIEW_BUDGET") else None,
                              detect_loss=_env_bool("DETECT_LOSS", True),
                              backward=_env_bool("BACKWARD_REVISION", True),
-                             tau_s=opt("TAU_S"), level_run=int(os.environ["LEVEL_RUN"]) if os.environ.get("LEVEL_RUN") else None,
+                             tau_s=opt("TAU_S"),
+                             level_run=int(_env_float("LEVEL_RUN", 0)) if os.environ.get("LEVEL_RUN") else None,
                              sustained=_env_bool("SUSTAINED_TRIGGER", True)),
         )
 

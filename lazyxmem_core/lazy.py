@@ -126,6 +126,8 @@ class LazySession:
         self._next = self.start
         if self.config.backward_max < 1:
             raise ValueError(f"backward_max must be >= 1, got {self.config.backward_max}")
+        if self.config.tau_s is not None and self.config.level_run < 1:
+            raise ValueError(f"level_run must be >= 1 frame, got {self.config.level_run}")
         if self.config.pseudo and self.refiner is None:
             raise ValueError("pseudo-corrections need a refiner: pass one, or disable pseudo in LazyConfig")
 
@@ -272,8 +274,10 @@ class LazySession:
 
         for label, rec in objects.items():
             if label in given_labels:
-                # A given mask has no uncertainty of its own: dS starts one frame later.
+                # A given mask has no uncertainty of its own: dS starts one frame later, and a
+                # run of high S starts again.
                 self._prev_S.pop(label, None)
+                self._high_run.pop(label, None)
             else:
                 self._prev_S[label] = rec.S
             self._prev_area[label] = rec.area

@@ -195,6 +195,8 @@ def test_sustained_uncertainty_asks_after_a_run_of_high_S_and_is_off_by_default(
     assert users(LazyConfig(pseudo=False, tau_s=0.5, level_run=3)) == [6, 12]
     assert users(LazyConfig(pseudo=False, tau_s=0.5, level_run=3, user_budget=1)) == [6]
     assert users(LazyConfig(pseudo=False, tau_s=0.65, level_run=3)) == []
+    with pytest.raises(ValueError, match="level_run"):
+        users(LazyConfig(tau_s=0.5, level_run=0))
 
 
 def test_off_config_never_corrects_or_vetoes():
@@ -404,3 +406,6 @@ def test_sustained_trigger_is_on_for_the_embedded_engine_and_can_be_switched_off
     assert (BackendSettings.from_env().lazy.tau_s, BackendSettings.from_env().lazy.level_run) == (0.9, 20)
     monkeypatch.setenv("SUSTAINED_TRIGGER", "false")
     assert BackendSettings.from_env().lazy.tau_s is None
+    monkeypatch.setenv("LEVEL_RUN", "many")
+    with pytest.raises(Exception, match="LEVEL_RUN='many' is not a number"):
+        BackendSettings.from_env()
