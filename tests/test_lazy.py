@@ -199,6 +199,16 @@ def test_sustained_uncertainty_asks_after_a_run_of_high_S_and_is_off_by_default(
         users(LazyConfig(tau_s=0.5, level_run=0))
 
 
+def test_a_given_mask_restarts_the_run_of_high_S():
+    script = [0.0, 0.6, 0.6, 0.0, 0.6, 0.6, 0.6, 0.6]
+    frames = [np.zeros((H, W, 3), np.uint8) for _ in script]
+    given = {0: first_mask(), 3: first_mask()}  # annotated again on frame 3
+    recs = LazySession(ScriptedPropagator(script), frames, given, refiner=RecordingRefiner(),
+                       config=LazyConfig(pseudo=False, tau_s=0.5, level_run=3)).run()
+    # without the restart frames 1, 2 and 4 would make a run of three and ask on frame 4
+    assert [r.index for r in recs if r.objects[1].decision is Decision.USER] == [6]
+
+
 def test_off_config_never_corrects_or_vetoes():
     prop = ScriptedPropagator(SCRIPT)
     recs = LazySession(prop, FRAMES, {0: first_mask()}, config=LazyConfig.off()).run()
