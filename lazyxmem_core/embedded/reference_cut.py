@@ -17,9 +17,10 @@ is; the prior (the propagated mask, possibly drifted, leaking or partial) roughl
    reference's background, plus the pixels near the click that look like its object.
 4. The component holding the click (and large parts mostly inside the prior) is kept; the
    prior is kept outside the ROI only where it continues the result.
-5. The caller keeps the cut only when it scores higher under the reference's colour model
-   (``colour_score``: sum of log-likelihood ratios over the mask) than the mask it would give
-   otherwise. On DAVIS frames GrabCut alone often stops at an inner colour edge.
+5. The caller keeps the cut only when it is not far smaller than both the prior and the
+   reference, and scores higher under the reference's colour model (``colour_score``: sum of
+   log-likelihood ratios over the mask) than the mask it would give otherwise. On DAVIS frames
+   GrabCut alone often stops at an inner colour edge.
 """
 from __future__ import annotations
 
@@ -190,8 +191,9 @@ def reference_cut(
 def colour_score(mask: np.ndarray, ref: ReferenceModel, bins: np.ndarray) -> float:
     """Sum over the mask of the reference's log-likelihood ratio (object vs surroundings): how
     well a candidate mask explains the frame in the reference's colours. Larger is better: it
-    rewards object-like pixels and penalises background-like ones, so it rejects both cuts that
-    collapsed onto a distinctly coloured part (a car's window) and masks that leaked."""
+    rewards object-like pixels and penalises background-like ones, so it rejects masks that
+    leaked; a cut that collapsed onto a strongly object-like part (a car's window) can still
+    score high, which is why the caller also checks the cut's size."""
     return float(ref.llr[bins[mask]].sum())
 
 
