@@ -85,6 +85,21 @@ def test_folded_and_split_network_computes_what_the_plain_one_does():
             assert close(x, y)
 
 
+def test_moving_the_network_moves_the_split_fuser_convs():
+    """.to() / .cuda() reach the fuser's split convs, which live outside the module tree (so the
+    state dict stays the checkpoint's): a dtype move shows it on the CPU as a device move would."""
+    sd = shared_random_state_dict(seed=0)
+    fast = XMemNet.from_state_dict(sd, fast=True).to(torch.float64)
+    assert not any("_split" in k for k in fast.state_dict())
+    torch.manual_seed(0)
+    img = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+    masks = torch.rand(2, 64, 96, dtype=torch.float64)
+    with torch.inference_mode():
+        f16 = fast.encode_key(img)["f16"]
+        value, hidden = fast.encode_value(img, f16, masks, torch.zeros(2, 64, 4, 6, dtype=torch.float64), True)
+    assert value.dtype == hidden.dtype == torch.float64
+
+
 def _bad(tmp_path, name, sd):
     path = tmp_path / name
     torch.save(sd, path)

@@ -102,6 +102,14 @@ class FeatureFusionBlock(nn.Module):
             c.winograd = b.conv1.winograd
         self._split = (x_conv, g1, gd)
 
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half() must move the split convs too
+        super()._apply(fn, *args, **kwargs)
+        if self._split is not None:
+            # Kept out of the module tree so the state dict stays the checkpoint's; nn.Module
+            # therefore does not see them, and they would stay behind on the CPU.
+            self._split = tuple(c._apply(fn, *args, **kwargs) for c in self._split)
+        return self
+
     def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         if self._split is None:  # plain form, as the checkpoint defines it
             g = self.block1(torch.cat([x.expand(g.shape[0], -1, -1, -1), g], 1))

@@ -1,0 +1,234 @@
+"""The CUDA paths on a GPU host: XMem fp32 / AMP against the CPU, speed, memory; SAM; a Lazy run.
+
+    python bench/gpu_check.py --seqs DIR [--xmem-checkpoint XMem.pth] [--sam-checkpoint sam.pth
+        --sam-type vit_b] [--long 2000] [--out report.json]
+
+DIR holds DAVIS-layout sequences (<seq>/frames/*.jpg, <seq>/masks/*.png); the first one with a
+mask on every frame is used for the Lazy run. Without checkpoints the weights are random in the
+official layouts (saved to a temporary folder and loaded through the real loaders), so the
+masks mean nothing but every number below is about the CUDA code paths themselves:
+
+1. XMem on CUDA (fp32, with cuDNN's default TF32 and with TF32 off) against XMem on the CPU,
+   same weights and frames: max |dp| over the frames.
+2. XMem on CUDA with AMP (fp16 autocast) against CUDA fp32: max |dp|, mask agreement (IoU).
+3. Median ms/frame at 854x480 after warm-up: CUDA fp32, CUDA AMP, CPU (all of the host's cores),
+   1 and 2 objects.
+4. GPU memory on a long synthetic 480p video (``--long`` frames): peak allocated every 10 % of the
+   video, which must level off once long-term memory is full.
+5. SAM on CUDA: the checkpoint through the real loader, ms per image encode and per prompt,
+   mask agreement with the same refine on the CPU.
+6. The whole Lazy loop (evaluation.run_sequence) on CUDA with XMem + SAM and the TP robot,
+   with user corrections forced on two frames.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lazyxmem_core.engines import EngineSettings, lazy_config  # noqa: E402
+from lazyxmem_core.evaluation import EvalSequence, run_sequence  # noqa: E402
+from lazyxmem_core.metrics import jaccard  # noqa: E402
+from lazyxmem_core.types import Click  # noqa: E402
+from lazyxmem_core.xmem import XMemConfig, XMemPropagator  # noqa: E402
+from lazyxmem_core.xmem.random_weights import save_random_checkpoint  # noqa: E402
+
+
+DEV = "cuda"  # --device cpu: a smoke test of this script without a GPU
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_xmem(ckpt: str, device: str, frames: list[np.ndarray], given: np.ndarray, amp: bool = False,
+             timed: bool = False) -> tuple[list[np.ndarray], list[float]]:
+    prop = XMemPropagator.from_checkpoint(ckpt, device=device, config=XMemConfig(amp=amp))
+    prop.video_length = len(frames)
+    probs, ms = [], []
+    for t, f in enumerate(frames):
+        sync()
+        t0 = time.perf_counter()
+        p = prop.step(f, given if t == 0 else None)
+        prop.commit()
+        sync()
+        ms.append(1000 * (time.perf_counter() - t0))
+        if not timed:
+            probs.append(p)
+    return probs, ms
+
+
+def xmem_checks(ckpt: str, seq: EvalSequence, n: int, report: dict) -> None:
+    frames = [seq.frames[t] for t in range(min(n, len(seq.frames)))]
+    given = seq.initial_masks()[0]
+    labels = sorted(int(v) for v in np.unique(given) if v)
+    cpu, _ = run_xmem(ckpt, "cpu", frames, given)
+    gpu, _ = run_xmem(ckpt, DEV, frames, given)
+    amp, _ = run_xmem(ckpt, DEV, frames, given, amp=True)
+    # cuDNN runs fp32 convolutions in TF32 by default on Ampere and later (as the official
+    # eval does): the same run with TF32 off tells rounding from a bug.
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    exact, _ = run_xmem(ckpt, DEV, frames, given)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    d_exact = [float(np.abs(a - b).max()) for a, b in zip(cpu, exact)]
+    d_gpu = [float(np.abs(a - b).max()) for a, b in zip(cpu, gpu)]
+    d_amp = [float(np.abs(a - b).max()) for a, b in zip(gpu, amp)]
+    iou_amp = [jaccard(a.argmax(0) > 0, b.argmax(0) > 0) for a, b in zip(gpu, amp)]
+    report["xmem_parity"] = {
+        "sequence": seq.name, "frames": len(frames), "objects": labels,
+        "cuda_fp32_vs_cpu_max_abs_dp": max(d_gpu), "cuda_fp32_vs_cpu_median_abs_dp": statistics.median(d_gpu),
+        "cuda_fp32_no_tf32_vs_cpu_max_abs_dp": max(d_exact), "tf32_default": tf32[0],
+        "cuda_fp32_no_tf32_vs_cpu_per_frame": [float(f"{d:.2g}") for d in d_exact],
+        "amp_vs_fp32_max_abs_dp": max(d_amp), "amp_vs_fp32_median_abs_dp": statistics.median(d_amp),
+        "amp_vs_fp32_min_fg_iou": min(iou_amp),
+    }
+    print("xmem parity", json.dumps(report["xmem_parity"]), flush=True)
+
+    speed = {}
+    frames480 = [cv2.resize(f, (854, 480)) for f in frames]
+    given480 = cv2.resize(given, (854, 480), interpolation=cv2.INTER_NEAREST)
+    for nobj in (1, 2):
+        g = given480 if nobj == 2 and len(labels) >= 2 else np.where(given480 == labels[0], 1, 0).astype(np.uint8)
+        if nobj == 2 and len(labels) < 2:
+            continue
+        for name, dev, amp_ in (("cuda_fp32", DEV, False), ("cuda_amp", DEV, True), ("cpu", "cpu", False)):
+            _, ms = run_xmem(ckpt, dev, frames480, g, amp=amp_, timed=True)
+            speed[f"{name}_{nobj}obj_ms"] = statistics.median(ms[2:])
+    speed["cpu_threads"] = torch.get_num_threads()
+    report["xmem_speed_854x480"] = speed
+    print("xmem speed", json.dumps(speed), flush=True)
+
+
+def memory_check(ckpt: str, n: int, report: dict) -> None:
+    rng = np.random.default_rng(0)
+    base = cv2.resize(rng.integers(0, 255, (48, 96, 3), dtype=np.uint8), (854 + n // 4 + 8, 480),
+                      interpolation=cv2.INTER_CUBIC)
+    given = np.zeros((480, 854), np.uint8)
+    cv2.ellipse(given, (427, 240), (150, 110), 0, 0, 360, 1, -1)
+    prop = XMemPropagator.from_checkpoint(ckpt, device=DEV, config=XMemConfig(amp=True))
+    prop.video_length = n
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    peaks, elements = [], []
+    t0 = time.perf_counter()
+    for t in range(n):
+        x = (t // 4) % (base.shape[1] - 854)
+        prop.step(np.ascontiguousarray(base[:, x:x + 854]), given if t == 0 else None)
+        prop.commit()
+        if (t + 1) % max(1, n // 10) == 0:
+            peaks.append(round(torch.cuda.max_memory_allocated() / 2**20, 1) if DEV == "cuda" else 0.0)
+            elements.append(prop.memory_elements)
+    sync()
+    report["xmem_long_video"] = {"frames": n, "amp": True, "peak_alloc_MiB_every_10pct": peaks,
+                                 "memory_elements_every_10pct": elements,
+                                 "fps": n / (time.perf_counter() - t0)}
+    print("xmem memory", json.dumps(report["xmem_long_video"]), flush=True)
+
+
+def sam_checks(ckpt: str, sam_type: str, seq: EvalSequence, report: dict) -> None:
+    from lazyxmem_core.sam.refiner import SamRefiner
+
+    frame = seq.frames[0]
+    gt = seq.gt[0] > 0
+    ys, xs = np.nonzero(gt)
+    click = Click(float(xs.mean()), float(ys.mean()), True)
+    out = {}
+    masks = {}
+    for dev in (DEV, "cpu"):
+        ref = SamRefiner(ckpt, sam_type, device=dev)
+        enc, dec = [], []
+        for k in range(3 if dev == DEV else 1):
+            sync()
+            t0 = time.perf_counter()
+            m = ref.refine(frame, [click], frame_id=("enc", k))  # a new id: a new encode
+            sync()
+            enc.append(1000 * (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            ref.refine(frame, [click, Click(click.x + 5, click.y, False)], frame_id=("enc", k))
+            sync()
+            dec.append(1000 * (time.perf_counter() - t0))
+        masks[dev] = m
+        out[f"{dev}_encode_plus_prompt_ms"] = statistics.median(enc)
+        out[f"{dev}_prompt_only_ms"] = statistics.median(dec)
+    out["cuda_vs_cpu_mask_iou"] = jaccard(masks[DEV], masks["cpu"])
+    out["mask_pixels"] = int(masks[DEV].sum())
+    report["sam"] = out
+    print("sam", json.dumps(out), flush=True)
+
+
+def lazy_check(xmem: str, sam: str, sam_type: str, seq: EvalSequence, report: dict) -> None:
+    st = EngineSettings(engine="xmem", refiner="sam", xmem_checkpoint=xmem, sam_checkpoint=sam,
+                        sam_type=sam_type, device=DEV)
+    t0 = time.perf_counter()
+    # Random weights rarely trigger a request: force two, so SAM and the IDU write run on CUDA.
+    res = run_sequence(seq, "lazy", st, config=lazy_config(st), forced_user={10: [1], 30: [1]})
+    report["lazy_cuda"] = {"sequence": seq.name, "frames": len(seq.frames), "interactions": res.interactions,
+                           "seconds": time.perf_counter() - t0}
+    print("lazy", json.dumps(report["lazy_cuda"]), flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqs", required=True)
+    ap.add_argument("--xmem-checkpoint")
+    ap.add_argument("--sam-checkpoint")
+    ap.add_argument("--sam-type", default="vit_b")
+    ap.add_argument("--frames", type=int, default=30)
+    ap.add_argument("--long", type=int, default=4000)
+    ap.add_argument("--out")
+    ap.add_argument("--only", nargs="*", choices=("xmem", "memory", "sam", "lazy"), help="run these steps only")
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    global DEV
+    DEV = a.device
+    if DEV == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available: run this on a GPU host", file=sys.stderr)
+        return 2
+    report: dict = {"gpu": torch.cuda.get_device_name() if DEV == "cuda" else "none", "torch": torch.__version__}
+    tmp = Path(tempfile.mkdtemp())
+    xmem = a.xmem_checkpoint or str(save_random_checkpoint(tmp / "xmem_random.pth"))
+    sam = a.sam_checkpoint
+    if sam is None:
+        from segment_anything import sam_model_registry
+
+        torch.manual_seed(0)
+        sam = str(tmp / f"sam_{a.sam_type}_random.pth")
+        torch.save(sam_model_registry[a.sam_type]().state_dict(), sam)
+    seqs = [EvalSequence.load(p) for p in sorted(Path(a.seqs).iterdir()) if (p / "masks").is_dir()]
+    multi = max(seqs, key=lambda s: len(np.unique(s.initial_masks()[min(s.initial_masks())])))
+    full = next(s for s in seqs if len(s.gt) == len(s.frames))
+    steps = [("xmem", lambda: xmem_checks(xmem, multi, a.frames, report)),
+             ("memory", lambda: memory_check(xmem, a.long, report)),
+             ("sam", lambda: sam_checks(sam, a.sam_type, full, report)),
+             ("lazy", lambda: lazy_check(xmem, sam, a.sam_type, full, report))]
+    failed = []
+    for name, fn in steps:
+        if a.only and name not in a.only:
+            continue
+        try:
+            fn()
+        except Exception as e:  # report every step, not just the first failure
+            import traceback
+
+            traceback.print_exc()
+            report[f"{name}_error"] = f"{type(e).__name__}: {e}"
+            failed.append(name)
+    if a.out:
+        Path(a.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
