@@ -9,6 +9,7 @@ submitting the same work twice returns the first job, and a prediction is posted
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -55,6 +56,8 @@ class JobSpec:
     corrections: dict[tuple[int, int], Correction] = field(default_factory=dict)
     annotation: dict | None = None
     revision: int = 0  # correction round, named in the posted prediction's version ("-r2")
+    # When the web process queued it: of two jobs' masks for one task, the later job's are newer.
+    submitted: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -127,6 +130,66 @@ class PostLedger:
             post()
             self.redis.set(f"lazyxmem:posted:{key}", "1", ex=self.ttl_s)
             return True
+
+
+class MaskStore:
+    """The latest masks of each task, in Redis, written by whichever worker ran its latest job.
+
+    With workers, the web process never re-propagates: its own session still holds the masks of
+    the first propagation, so an interactive click after a correction would refine against a
+    stale prior and compare boxes with a stale track. It reads the workers' masks from here.
+    Entries are keyed by task, model version and initial regions (a changed task is another
+    entry), ordered by the submission time of the job that made them: a job queued earlier never
+    overwrites a later one's masks, and a plain propagation never overwrites corrected masks.
+    """
+
+    def __init__(self, redis: Any, ttl_s: int = 7 * 86400) -> None:
+        self.redis = redis
+        self.ttl_s = ttl_s
+
+    @staticmethod
+    def key(task: dict, model_version: str) -> str:
+        what = {"data": task.get("data") or {}, "regions": initial_regions(task), "version": model_version}
+        digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        return f"lazyxmem:masks:{int(task.get('id') or 0)}:{digest}"
+
+    def put(self, task: dict, model_version: str, stamp: float, masks: list[np.ndarray],
+            only_if_absent: bool = False) -> bool:
+        """Store ``masks`` (one (H, W) uint8 index mask per frame) unless newer ones are there."""
+        from redis.exceptions import WatchError
+
+        buf = io.BytesIO()  # one zip member a frame: no (T, H, W) copy of a long video
+        np.savez_compressed(buf, **{f"f{t}": np.asarray(m, np.uint8) for t, m in enumerate(masks)})
+        key = self.key(task, model_version)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    old = pipe.hget(key, "stamp")
+                    if old is not None and (only_if_absent or float(old) >= stamp):
+                        pipe.reset()
+                        return False
+                    pipe.multi()
+                    pipe.hset(key, mapping={"stamp": repr(float(stamp)), "masks": buf.getvalue()})
+                    pipe.expire(key, self.ttl_s)
+                    pipe.execute()
+                    return True
+                except WatchError:  # another worker wrote in between: compare again
+                    continue
+
+    def get(self, task: dict, model_version: str, newer_than: float = -1.0) -> tuple[float, list[np.ndarray]] | None:
+        """(stamp, masks) when the store holds masks newer than ``newer_than``, else None."""
+        key = self.key(task, model_version)
+        stamp = self.redis.hget(key, "stamp")
+        if stamp is None or float(stamp) <= newer_than:
+            return None
+        # Read apart from the stamp so an unchanged entry costs no transfer; a write in between
+        # only makes the masks newer than the stamp says (the next call reads them again).
+        blob = self.redis.hget(key, "masks")
+        if blob is None:
+            return None
+        with np.load(io.BytesIO(blob)) as data:
+            return float(stamp), [data[f"f{t}"] for t in range(len(data.files))]
 
 
 class ProgressMeter:

@@ -28,7 +28,7 @@ from lazyxmem_core.types import Click, Correction, Decision
 from . import convert
 from .convert import ObjectPrompt, TaskError
 from .fetch import MediaFetcher
-from .jobs import JobSpec, PostLedger, Progress, initial_regions, make_queue
+from .jobs import JobSpec, MaskStore, PostLedger, Progress, initial_regions, make_queue
 from .labelconfig import LabelConfig, parse_label_config
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,13 @@ class TaskState:
     applied: dict[tuple[int, int], Correction] = field(default_factory=dict)  # in this session
     rounds: int = 0  # correction rounds sent: the "-rN" of the predictions they give
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # With workers: (stamp, masks) of the latest job a worker finished (see jobs.MaskStore);
+    # newer than this process's own session, which never sees the corrections.
+    stored: tuple[float, list[np.ndarray]] | None = None
 
     def masks(self) -> list[np.ndarray]:
+        if self.stored is not None:
+            return self.stored[1]
         h, w = self.frames[0].shape[:2]
         empty = np.zeros((h, w), np.uint8)
         recs = self.session.records
@@ -144,6 +149,7 @@ class LazyXMemModel:
         self._sessions_lock = threading.Lock()
         self.jobs = make_queue(self.run_job, self.settings.redis_url)
         self.ledger = PostLedger(getattr(self.jobs, "redis", None))
+        self.store = MaskStore(self.jobs.redis) if getattr(self.jobs, "redis", None) is not None else None
         self._ls_client: tuple[tuple[str, str], Any] | None = None
         self._refiner: Refiner | None = None
         self._refiner_lock = threading.Lock()
@@ -350,6 +356,9 @@ class LazyXMemModel:
                     log.info("task %s: the annotation changes no frame; nothing to re-propagate", spec.task_id)
                     return {"posted": False, "frames": []}
                 self.apply_corrections(state, corrections, progress)
+            if self.store is not None:
+                self.store.put(spec.task, self.model_version, getattr(spec, "submitted", 0.0), state.masks(),
+                               only_if_absent=spec.kind == "propagate")
             posted = self.post_prediction(state, job_id=spec.key, unless_present=spec.kind == "propagate")
             return {"posted": posted, "review_frames": [t + 1 for t in state.session.review_frames]}
 
@@ -443,9 +452,14 @@ class LazyXMemModel:
             self.sessions.pop(task_id, None)
 
     # -- corrections ------------------------------------------------------------------------
-    def state_for(self, task: dict, cfg: LabelConfig, progress: Progress | None = None) -> TaskState:
+    def state_for(self, task: dict, cfg: LabelConfig, progress: Progress | None = None,
+                  from_store: bool = False) -> TaskState:
         """The task's session, propagated to the end: the one held here, or rebuilt from the task
-        (after a restart, an eviction, or in a worker that has not seen the task)."""
+        (after a restart, an eviction, or in a worker that has not seen the task).
+
+        ``from_store`` (the web process, with workers): the masks the workers made last, when
+        there are any, instead of propagating here.
+        """
         task_id = int(task.get("id") or 0)
         state = self.held(task_id)
         if state is None:
@@ -453,6 +467,13 @@ class LazyXMemModel:
             if state is None:
                 raise TaskError(f"task {task_id} has no region to start from: draw the objects first")
             self._keep(state)
+        if from_store and self.store is not None:
+            got = self.store.get(state.task, self.model_version, state.stored[0] if state.stored else -1.0)
+            shape = (len(state.frames), *state.frames[0].shape[:2])
+            if got is not None and (len(got[1]), *got[1][0].shape) == shape:
+                state.stored = got
+            if state.stored is not None:
+                return state
         if progress is not None and hasattr(progress, "total"):
             progress.total = len(state.frames) - len(state.session.records)  # known only now in a worker
         try:
@@ -481,7 +502,7 @@ class LazyXMemModel:
         """Clicks or a box on one frame: answer with the refined region now, re-propagate after."""
         if not context_results:
             return {"result": [], "model_version": self.model_version}
-        state = self.state_for(task, cfg)
+        state = self.state_for(task, cfg, from_store=True)
         h, w = state.frames[0].shape[:2]
         corrections = self.corrections_from(state, context_results)
         if not corrections:

@@ -267,3 +267,50 @@ def test_post_ledger_lets_one_of_concurrent_duplicates_post(redis_url):
     ledger.redis.set("lazyxmem:posting:lx-ledger-2", "1")
     assert ledger.post_once("lx-ledger-2", post, already_posted=lambda: True) is False and posts == [1]
     assert ledger.post_once("lx-ledger-2", post, already_posted=lambda: True) is False
+
+
+def test_web_process_refines_against_the_workers_latest_masks(cluster, redis_url, tmp_path):
+    """With workers, the web process never re-propagates: an interactive edit after a correction
+    must see the masks the worker made (jobs.MaskStore), not the web process's first propagation."""
+    from backend import convert
+    from backend.app import create_app
+    from backend.jobs import MaskStore
+    from backend.model import BackendSettings
+    from lazyxmem_core.engines import EngineSettings
+
+    settings = BackendSettings(ls_url=cluster["ls_url"], api_key=TOKEN, cache_dir=str(tmp_path / "cache"),
+                               redis_url=redis_url, sync_budget_s=0.0,
+                               engine=EngineSettings(engine="embedded", refiner="embedded"))
+    client = create_app(settings).test_client()
+    model = client.application.config["model"]
+    store = MaskStore(cluster["queue"].redis)
+    task = {**cluster["tasks"][103], "id": 170}
+    r = client.post("/predict", json={"tasks": [task], "label_config": VIDEO_CFG, "params": {"context": None}})
+    job = wait_until(lambda: finished(cluster["queue"], r.json["results"][0]["job"]), 60, "the propagation")
+    assert job["status"] == "finished"
+    first = store.get(task, model.model_version)
+    assert first is not None and len(first[1]) == 24, "the worker stored its masks"
+
+    def edit(keyframes: list[dict]) -> list[dict]:
+        region = {"id": "lazyxmem-1", "from_name": "box", "to_name": "video", "type": "videorectangle",
+                  "value": {"framesCount": 24, "labels": ["Object"], "sequence": keyframes}}
+        r = client.post("/predict", json={"tasks": [task], "label_config": VIDEO_CFG,
+                                          "params": {"context": {"result": [region]}}})
+        assert r.status_code == 200, r.json
+        return [k for x in r.json["results"][0]["result"] for k in x["value"]["sequence"]]
+
+    # The annotator drags frame 13's box onto the lower-right part of the frame.
+    moved = {"frame": 13, "x": 50.0, "y": 45.0, "width": 40.0, "height": 45.0, "rotation": 0, "enabled": True}
+    answer = edit([moved])
+    assert [k["frame"] for k in answer] == [13]
+    state = model.held(170)
+    assert len(state.session.records) == 0, "the web process did not propagate the video itself"
+    assert all((a == b).all() for a, b in zip(state.masks(), first[1]))
+    wait_until(lambda: store.get(task, model.model_version, newer_than=first[0]), 60, "the corrected masks")
+    # Label Studio now shows frame 13 with the answered box; the annotator edits frame 20 too.
+    later = {"frame": 20, "x": 5.0, "y": 5.0, "width": 40.0, "height": 40.0, "rotation": 0, "enabled": True}
+    second = edit([dict(answer[0], enabled=True), later])
+    assert [k["frame"] for k in second] == [20], "frame 13 already holds the correction: only frame 20 is new"
+    assert state.stored is not None and state.stored[0] > first[0]
+    box = convert.mask_box(state.masks()[12] == 1)
+    assert box is not None and max(abs(a - answer[0][k]) for a, k in zip(box, ("x", "y", "width", "height"))) <= 1.0
