@@ -10,6 +10,7 @@ masks mean nothing but every number below is about the CUDA code paths themselve
 
 1. XMem on CUDA (fp32, with cuDNN's default TF32 and with TF32 off) against XMem on the CPU,
    same weights and frames: max |dp| over the frames.
+   Then each stage alone (key / value encoder, memory read, decoder), fed the CPU's inputs.
 2. XMem on CUDA with AMP (fp16 autocast) against CUDA fp32: max |dp|, mask agreement (IoU).
 3. Median ms/frame at 854x480 after warm-up: CUDA fp32, CUDA AMP, CPU (all of the host's cores),
    1 and 2 objects.
@@ -110,6 +111,56 @@ def xmem_checks(ckpt: str, seq: EvalSequence, n: int, report: dict) -> None:
     print("xmem speed", json.dumps(speed), flush=True)
 
 
+def stage_checks(ckpt: str, seq: EvalSequence, report: dict) -> None:
+    """Each XMem stage on CUDA (TF32 off) against the CPU, fed the CPU's own inputs, so a
+    difference is that stage's and not an earlier one's: key and value encoders on frame 0, a
+    memory read on frame 1 (memory written from frame 0), the decoder. Relative max |d|."""
+    from lazyxmem_core.xmem.inference.core import Geometry, prepare_image, prepare_masks
+    from lazyxmem_core.xmem.inference.memory import MemoryConfig, MemoryManager
+    from lazyxmem_core.xmem.model import XMemNet
+    from lazyxmem_core.xmem.propagator import load_xmem_state_dict
+
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    sd, _ = load_xmem_state_dict(ckpt)
+    nc, ng = XMemNet.from_state_dict(sd).eval(), XMemNet.from_state_dict(sd).eval().to(DEV)
+    given = seq.initial_masks()[0]
+    labels = sorted(int(v) for v in np.unique(given) if v)
+    geo = Geometry.of(*given.shape, 480)
+    img = [prepare_image(torch.from_numpy(np.ascontiguousarray(seq.frames[t])), geo) for t in (0, 1)]
+    masks = prepare_masks(torch.stack([torch.from_numpy(given == v) for v in labels]).float(), geo)
+    out: dict[str, float] = {}
+
+    def rel(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.float(), b.float().cpu()
+        out[name] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+    with torch.inference_mode():
+        kc = [nc.encode_key(i) for i in img]
+        kg = ng.encode_key(img[0].to(DEV))
+        for k in kc[0]:
+            rel(f"key_encoder_{k}", kc[0][k], kg[k])
+        hid = torch.zeros(len(labels), nc.hidden_dim, *kc[0]["key"].shape[-2:])
+        vc, hc = nc.encode_value(img[0], kc[0]["f16"], masks, hid, True)
+        vg, hg = ng.encode_value(img[0].to(DEV), kc[0]["f16"].to(DEV), masks.to(DEV), hid.to(DEV), True)
+        rel("value_encoder", vc, vg)
+        rel("hidden_deep_update", hc, hg)
+        reads = []
+        for dev in ("cpu", DEV):
+            mem = MemoryManager(MemoryConfig(), nc.hidden_dim)
+            mem.write(kc[0]["key"][0].to(dev), kc[0]["shrinkage"][0].to(dev), kc[0]["selection"][0].to(dev),
+                      vc.to(dev), list(range(len(labels))))
+            reads.append(mem.read(kc[1]["key"][0].to(dev), kc[1]["selection"][0].to(dev)))
+        rel("memory_readout", reads[0], reads[1])
+        dc = nc.decode(kc[1], reads[0], hc)
+        dg = ng.decode({k: v.to(DEV) for k, v in kc[1].items()}, reads[0].to(DEV), hc.to(DEV))
+        for i, (a, b) in enumerate(zip(dc, dg)):
+            rel(f"decoder_output_{i}", a, b)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    report["xmem_stages_rel_max_abs_d"] = out
+    print("xmem stages", json.dumps(out), flush=True)
+
+
 def memory_check(ckpt: str, n: int, report: dict) -> None:
     rng = np.random.default_rng(0)
     base = cv2.resize(rng.integers(0, 255, (48, 96, 3), dtype=np.uint8), (854 + n // 4 + 8, 480),
@@ -187,7 +238,7 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=30)
     ap.add_argument("--long", type=int, default=4000)
     ap.add_argument("--out")
-    ap.add_argument("--only", nargs="*", choices=("xmem", "memory", "sam", "lazy"), help="run these steps only")
+    ap.add_argument("--only", nargs="*", choices=("xmem", "stages", "memory", "sam", "lazy"), help="run these steps only")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     a = ap.parse_args()
     global DEV
@@ -209,6 +260,7 @@ def main() -> int:
     multi = max(seqs, key=lambda s: len(np.unique(s.initial_masks()[min(s.initial_masks())])))
     full = next(s for s in seqs if len(s.gt) == len(s.frames))
     steps = [("xmem", lambda: xmem_checks(xmem, multi, a.frames, report)),
+             ("stages", lambda: stage_checks(xmem, multi, report)),
              ("memory", lambda: memory_check(xmem, a.long, report)),
              ("sam", lambda: sam_checks(sam, a.sam_type, full, report)),
              ("lazy", lambda: lazy_check(xmem, sam, a.sam_type, full, report))]
