@@ -314,3 +314,24 @@ def test_web_process_refines_against_the_workers_latest_masks(cluster, redis_url
     assert state.stored is not None and state.stored[0] > first[0]
     box = convert.mask_box(state.masks()[12] == 1)
     assert box is not None and max(abs(a - answer[0][k]) for a, k in zip(box, ("x", "y", "width", "height"))) <= 1.0
+
+
+def test_mask_store_keeps_the_latest_jobs_masks(redis_url):
+    from redis import Redis
+
+    from backend.jobs import MaskStore
+
+    store = MaskStore(Redis.from_url(redis_url))
+    task = {"id": 180, "data": {"video": "/data/upload/9/x.mp4"}, "annotations": []}
+    frames = [np.full((4, 6), t % 3, np.uint8) for t in range(5)]
+    newer = [f + 1 for f in frames]
+    assert store.get(task, "v1") is None
+    assert store.put(task, "v1", 10.0, newer)
+    assert not store.put(task, "v1", 5.0, frames), "a job queued earlier never overwrites a later one"
+    assert not store.put(task, "v1", 20.0, frames, only_if_absent=True), "a propagation never overwrites"
+    stamp, got = store.get(task, "v1")
+    assert stamp == 10.0 and len(got) == 5 and all((a == b).all() for a, b in zip(got, newer))
+    assert store.get(task, "v1", newer_than=10.0) is None, "nothing newer than what the caller holds"
+    assert store.get(task, "v2") is None, "another model version is another entry"
+    edited = {**task, "annotations": [{"id": 1, "result": [{"id": "r9"}]}]}
+    assert store.get(edited, "v1") is None, "changed initial regions are another entry"
