@@ -1,10 +1,11 @@
 """The CUDA paths on a GPU host: XMem fp32 / AMP against the CPU, speed, memory; SAM; a Lazy run.
 
     python bench/gpu_check.py --seqs DIR [--xmem-checkpoint XMem.pth] [--sam-checkpoint sam.pth
-        --sam-type vit_b] [--long 2000] [--out report.json]
+        --sam-type vit_b] [--frames 30] [--long 4000] [--only STEP ...] [--out report.json]
 
-DIR holds DAVIS-layout sequences (<seq>/frames/*.jpg, <seq>/masks/*.png); the first one with a
-mask on every frame is used for the Lazy run. Without checkpoints the weights are random in the
+DIR holds DAVIS-layout sequences (<seq>/frames/*.jpg, <seq>/masks/*.png): the one with the most
+objects on its first annotated frame is used for XMem, the first with a mask on every frame for
+SAM and the Lazy run. Without checkpoints the weights are random in the
 official layouts (saved to a temporary folder and loaded through the real loaders), so the
 masks mean nothing but every number below is about the CUDA code paths themselves:
 
