@@ -40,6 +40,12 @@ def initial_regions(task: dict) -> list[dict]:
     return latest.get("result") or []
 
 
+def start_digest(task: dict) -> str:
+    """What a session is built from: the task's media and its initial regions."""
+    what = {"data": task.get("data") or {}, "regions": initial_regions(task)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """One unit of work for a worker. ``kind``:
@@ -149,13 +155,13 @@ class MaskStore:
 
     @staticmethod
     def key(task: dict, model_version: str) -> str:
-        what = {"data": task.get("data") or {}, "regions": initial_regions(task), "version": model_version}
-        digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        digest = hashlib.sha256(f"{start_digest(task)}:{model_version}".encode()).hexdigest()[:20]
         return f"lazyxmem:masks:{int(task.get('id') or 0)}:{digest}"
 
     def put(self, task: dict, model_version: str, stamp: float, masks: list[np.ndarray],
-            only_if_absent: bool = False) -> bool:
-        """Store ``masks`` (one (H, W) uint8 index mask per frame) unless newer ones are there."""
+            only_if_absent: bool = False, prediction: dict | None = None) -> bool:
+        """Store ``masks`` (one (H, W) uint8 index mask per frame), and the prediction made from
+        them, unless newer ones are there."""
         from redis.exceptions import WatchError
 
         buf = io.BytesIO()  # one zip member a frame: no (T, H, W) copy of a long video
@@ -170,7 +176,8 @@ class MaskStore:
                         pipe.reset()
                         return False
                     pipe.multi()
-                    pipe.hset(key, mapping={"stamp": repr(float(stamp)), "masks": buf.getvalue()})
+                    pipe.hset(key, mapping={"stamp": repr(float(stamp)), "masks": buf.getvalue(),
+                                            "prediction": json.dumps(prediction)})
                     pipe.expire(key, self.ttl_s)
                     pipe.execute()
                     return True
@@ -190,6 +197,11 @@ class MaskStore:
             return None
         with np.load(io.BytesIO(blob)) as data:
             return float(stamp), [data[f"f{t}"] for t in range(len(data.files))]
+
+    def prediction(self, task: dict, model_version: str) -> dict | None:
+        """The prediction the latest job made for ``task`` (None when no job stored one)."""
+        raw = self.redis.hget(self.key(task, model_version), "prediction")
+        return json.loads(raw) if raw else None
 
 
 class ProgressMeter:

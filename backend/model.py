@@ -28,7 +28,7 @@ from lazyxmem_core.types import Click, Correction, Decision
 from . import convert
 from .convert import ObjectPrompt, TaskError
 from .fetch import MediaFetcher
-from .jobs import JobSpec, MaskStore, PostLedger, Progress, initial_regions, make_queue
+from .jobs import JobSpec, MaskStore, PostLedger, Progress, initial_regions, make_queue, start_digest
 from .labelconfig import LabelConfig, parse_label_config
 
 log = logging.getLogger(__name__)
@@ -300,13 +300,15 @@ class LazyXMemModel:
             self._ls_client = (key, LabelStudio(base_url=key[0], api_key=key[1]))
         return self._ls_client[1]
 
-    def post_prediction(self, state: TaskState, job_id: str | None = None, unless_present: bool = False) -> bool:
-        """Post the task's current prediction through the Label Studio API, once per job id.
+    def post_prediction(self, state: TaskState, job_id: str | None = None, unless_present: bool = False,
+                        pred: dict | None = None) -> bool:
+        """Post the task's current prediction (``pred``, else made here) through the Label Studio
+        API, once per job id.
 
         ``unless_present``: not when Label Studio holds a prediction of this model version for the
         task already (on import, LS may call /predict itself while the TASKS_CREATED job runs).
         """
-        pred = self.prediction(state)
+        pred = pred or self.prediction(state)
         if not (self.settings.ls_url and self.settings.api_key):
             log.warning("task %s: prediction ready but LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are not set", state.task_id)
             return False
@@ -356,10 +358,11 @@ class LazyXMemModel:
                     log.info("task %s: the annotation changes no frame; nothing to re-propagate", spec.task_id)
                     return {"posted": False, "frames": []}
                 self.apply_corrections(state, corrections, progress)
+            pred = self.prediction(state)
             if self.store is not None:
                 self.store.put(spec.task, self.model_version, getattr(spec, "submitted", 0.0), state.masks(),
-                               only_if_absent=spec.kind == "propagate")
-            posted = self.post_prediction(state, job_id=spec.key, unless_present=spec.kind == "propagate")
+                               only_if_absent=spec.kind == "propagate", prediction=pred)
+            posted = self.post_prediction(state, job_id=spec.key, unless_present=spec.kind == "propagate", pred=pred)
             return {"posted": posted, "review_frames": [t + 1 for t in state.session.review_frames]}
 
         return self.guard_oom(spec.task_id, work)
@@ -416,6 +419,22 @@ class LazyXMemModel:
 
     def _predict_now(self, task: dict, cfg: LabelConfig, deadline: float) -> dict:
         task_id = int(task.get("id") or 0)
+        # Asked again (a reopened task): the latest prediction, corrections included, rather than
+        # a session rebuilt from the task, which would also drop the corrections made so far.
+        if self.store is not None:
+            stored = self.store.prediction(task, self.model_version)
+            if stored is not None:
+                return stored
+        held = self.held(task_id)
+        if held is not None and start_digest(held.task) == start_digest(task):
+            if not held.lock.acquire(blocking=False):
+                log.info("task %s: a job is updating its session; its prediction is posted when done", task_id)
+                return {"result": [], "score": 0.0, "model_version": self.model_version + "-pending"}
+            try:
+                if len(held.session.records) == len(held.frames):
+                    return self.prediction(held)
+            finally:
+                held.lock.release()
         regions = initial_regions(task)
         declared = self.declared_frames(task, cfg) if regions else None
         if declared and self.estimate_seconds(declared, len(regions)) > deadline - time.monotonic():

@@ -478,3 +478,27 @@ def test_backend_serves_an_image_sequence_with_the_xmem_engine(fake_ls, tmp_path
     assert (first == (video.clean.masks[0] == 1)).all()  # the given mask is returned exactly
     state = client.application.config["model"].held(2)
     assert state.session.propagator.video_length == 3
+
+
+def test_predicting_again_after_a_correction_keeps_it(client, fake_ls):
+    """Label Studio asks /predict again when a task is reopened: the answer is the corrected
+    prediction, and the session keeps its corrections (it is not rebuilt from the task)."""
+    _, video = fake_ls
+    task = images_task(video)
+    assert predict(client, [task], IMAGES_CFG).status_code == 200
+    ys, xs = np.nonzero(video.clean.masks[6] == 1)
+    click = {"from_name": "clicks", "to_name": "frames", "type": "keypointlabels", "item_index": 6,
+             "is_positive": True, "original_width": W, "original_height": H,
+             "value": {"x": 100 * xs.mean() / W, "y": 100 * ys.mean() / H, "width": 0.5, "keypointlabels": ["Object"]}}
+    assert predict(client, [task], IMAGES_CFG, context={"result": [click]}).status_code == 200
+    wait_jobs(client)
+    corrected = [m.copy() for m in client.model.held(2).masks()]
+    r = predict(client, [task], IMAGES_CFG)
+    assert r.status_code == 200, r.json
+    pred = r.json["results"][0]
+    assert pred["model_version"].endswith("-r1"), pred["model_version"]
+    held = client.model.held(2)
+    assert held.session.records[6].objects[1].answered, "the correction is still in the session"
+    assert all((a == b).all() for a, b in zip(corrected, held.masks()))
+    brushes = {x["item_index"]: x for x in pred["result"] if x["type"] == "brushlabels"}
+    assert (decode_brush(brushes[6]["value"], W, H, "test") == (corrected[6] == 1)).all()

@@ -314,6 +314,15 @@ def test_web_process_refines_against_the_workers_latest_masks(cluster, redis_url
     assert state.stored is not None and state.stored[0] > first[0]
     box = convert.mask_box(state.masks()[12] == 1)
     assert box is not None and max(abs(a - answer[0][k]) for a, k in zip(box, ("x", "y", "width", "height"))) <= 1.0
+    # The task reopened once frame 20's correction is in: /predict answers with the workers'
+    # latest prediction, both corrections included (not a propagation from the task's regions).
+    wait_until(lambda: store.get(task, model.model_version, newer_than=state.stored[0]), 60, "frame 20's masks")
+    r = client.post("/predict", json={"tasks": [task], "label_config": VIDEO_CFG, "params": {"context": None}})
+    reopened = r.json["results"][0]
+    assert reopened["model_version"] == f"{model.model_version}-r2", reopened["model_version"]
+    track = next(x for x in reopened["result"] if x["type"] == "videorectangle")
+    kf13 = next(k for k in track["value"]["sequence"] if k["frame"] == 13)
+    assert max(abs(kf13[k] - answer[0][k]) for k in ("x", "y", "width", "height")) <= 1.0
 
 
 def test_mask_store_keeps_the_latest_jobs_masks(redis_url):
@@ -326,12 +335,14 @@ def test_mask_store_keeps_the_latest_jobs_masks(redis_url):
     frames = [np.full((4, 6), t % 3, np.uint8) for t in range(5)]
     newer = [f + 1 for f in frames]
     assert store.get(task, "v1") is None
-    assert store.put(task, "v1", 10.0, newer)
+    assert store.put(task, "v1", 10.0, newer, prediction={"model_version": "v1-r1", "result": []})
     assert not store.put(task, "v1", 5.0, frames), "a job queued earlier never overwrites a later one"
     assert not store.put(task, "v1", 20.0, frames, only_if_absent=True), "a propagation never overwrites"
     stamp, got = store.get(task, "v1")
     assert stamp == 10.0 and len(got) == 5 and all((a == b).all() for a, b in zip(got, newer))
     assert store.get(task, "v1", newer_than=10.0) is None, "nothing newer than what the caller holds"
+    assert store.prediction(task, "v1") == {"model_version": "v1-r1", "result": []}
+    assert store.prediction(task, "v2") is None
     assert store.get(task, "v2") is None, "another model version is another entry"
     edited = {**task, "annotations": [{"id": 1, "result": [{"id": "r9"}]}]}
     assert store.get(edited, "v1") is None, "changed initial regions are another entry"
