@@ -155,8 +155,7 @@ class MaskStore:
 
     @staticmethod
     def key(task: dict, model_version: str) -> str:
-        digest = hashlib.sha256(f"{start_digest(task)}:{model_version}".encode()).hexdigest()[:20]
-        return f"lazyxmem:masks:{int(task.get('id') or 0)}:{digest}"
+        return f"lazyxmem:masks:{int(task.get('id') or 0)}:{start_digest(task)}:{model_version}"
 
     def put(self, task: dict, model_version: str, stamp: float, masks: list[np.ndarray],
             only_if_absent: bool = False, prediction: dict | None = None) -> bool:

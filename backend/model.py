@@ -53,6 +53,10 @@ def _env_bool(name: str, default: bool) -> bool:
     raise LazyXMemError(f"{name}={os.environ[name]!r} is not a boolean: use true or false")
 
 
+def _int_or_none(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
 def is_cuda_oom(exc: BaseException) -> bool:
     import torch
 
@@ -101,11 +105,11 @@ class BackendSettings:
             preannotate_on_import=_env_bool("PREANNOTATE_ON_IMPORT", True),
             engine=engine,
             lazy=lazy_config(engine, tau_u=opt("TAU_U"), tau_p=opt("TAU_P"), tau_m=opt("TAU_M"),
-                             user_budget=int(_env_float("REVIEW_BUDGET", 0)) if os.environ.get("REVIEW_BUDGET") else None,
+                             user_budget=_int_or_none(opt("REVIEW_BUDGET")),
                              detect_loss=_env_bool("DETECT_LOSS", True),
                              backward=_env_bool("BACKWARD_REVISION", True),
                              tau_s=opt("TAU_S"),
-                             level_run=int(_env_float("LEVEL_RUN", 0)) if os.environ.get("LEVEL_RUN") else None,
+                             level_run=_int_or_none(opt("LEVEL_RUN")),
                              sustained=_env_bool("SUSTAINED_TRIGGER", True)),
         )
 
@@ -431,7 +435,7 @@ class LazyXMemModel:
                 log.info("task %s: a job is updating its session; its prediction is posted when done", task_id)
                 return {"result": [], "score": 0.0, "model_version": self.model_version + "-pending"}
             try:
-                if len(held.session.records) == len(held.frames):
+                if held.session.remaining == 0:
                     return self.prediction(held)
             finally:
                 held.lock.release()
@@ -494,7 +498,7 @@ class LazyXMemModel:
             if state.stored is not None:
                 return state
         if progress is not None and hasattr(progress, "total"):
-            progress.total = len(state.frames) - len(state.session.records)  # known only now in a worker
+            progress.total = state.session.remaining  # known only now in a worker
         try:
             self.propagate(state, progress)
         except Exception:

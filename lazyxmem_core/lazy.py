@@ -146,6 +146,11 @@ class LazySession:
         return [self.records[t] for t in sorted(self.records)]
 
     @property
+    def remaining(self) -> int:
+        """Frames still to process (the session runs from the first annotated frame to the end)."""
+        return max(0, len(self.frames) - self._next)
+
+    @property
     def review_frames(self) -> list[int]:
         """Frames where a user correction was requested and not answered yet, in order."""
         return [t for t in sorted(self.records) if self.records[t].review]

@@ -480,11 +480,16 @@ def test_backend_serves_an_image_sequence_with_the_xmem_engine(fake_ls, tmp_path
     assert state.session.propagator.video_length == 3
 
 
-def test_predicting_again_after_a_correction_keeps_it(client, fake_ls):
+@pytest.mark.parametrize("start", [0, 2])
+def test_predicting_again_after_a_correction_keeps_it(client, fake_ls, start):
     """Label Studio asks /predict again when a task is reopened: the answer is the corrected
-    prediction, and the session keeps its corrections (it is not rebuilt from the task)."""
+    prediction, and the session keeps its corrections (it is not rebuilt from the task), also
+    when the object is first drawn after the first item."""
     _, video = fake_ls
     task = images_task(video)
+    region = task["annotations"][0]["result"][0]
+    region["item_index"] = start
+    region["value"]["rle"] = mask2rle((video.clean.masks[start] == 1).astype(np.uint8) * 255)
     assert predict(client, [task], IMAGES_CFG).status_code == 200
     ys, xs = np.nonzero(video.clean.masks[6] == 1)
     click = {"from_name": "clicks", "to_name": "frames", "type": "keypointlabels", "item_index": 6,
