@@ -110,6 +110,7 @@ class BackendSettings:
                              backward=_env_bool("BACKWARD_REVISION", True),
                              tau_s=opt("TAU_S"),
                              level_run=_int_or_none(opt("LEVEL_RUN")),
+                             max_snapshots=_int_or_none(opt("MAX_SNAPSHOTS")),
                              sustained=_env_bool("SUSTAINED_TRIGGER", True)),
         )
 

@@ -49,6 +49,11 @@ class LazyConfig:
     tau_s: float | None = None
     level_run: int = 10
     snapshot_every: int = 10  # keep the propagator's state every k frames for deferred corrections
+    # Each kept state costs memory (XMem's holds its memory bank, on the GPU: tens of MB per object
+    # at 480p), so a long video keeps at most this many. Past the cap the state whose removal
+    # leaves the smallest gap goes (review frames' last): a correction then replays at most about
+    # len(video) / max_snapshots frames, and memory stays flat however long the video.
+    max_snapshots: int = 32
     # A user correction is also propagated backwards, to the object's previous human-made mask, and
     # revises the frames in between where the backward mask is the better bet (not in the paper;
     # pays when corrections are good: SAM, masks drawn by a reviewer).
@@ -126,6 +131,9 @@ class LazySession:
         self._next = self.start
         if self.config.backward_max < 1:
             raise ValueError(f"backward_max must be >= 1, got {self.config.backward_max}")
+        if self.config.max_snapshots < 1:
+            raise ValueError(f"max_snapshots must be >= 1 (the first frame's state is always kept), "
+                             f"got {self.config.max_snapshots}")
         if self.config.tau_s is not None and self.config.level_run < 1:
             raise ValueError(f"level_run must be >= 1 frame, got {self.config.level_run}")
         if self.config.pseudo and self.refiner is None:
@@ -435,6 +443,19 @@ class LazySession:
     def _keep_snapshot(self, t: int, pending: tuple[Any, dict[str, Any]] | None) -> None:
         if pending is not None and (self._periodic(t) or self.records[t].review):
             self._snapshots[t] = pending
+            self._thin_snapshots()
+
+    def _thin_snapshots(self) -> None:
+        """Drop kept states beyond ``max_snapshots``: each time the one whose removal leaves the
+        smallest gap, review frames (where corrections are expected) only when nothing else is
+        left; the first frame's state always stays, so every correction can still resume."""
+        while len(self._snapshots) > self.config.max_snapshots:
+            kept = sorted(self._snapshots)
+            ends = kept[1:] + [self._next + 1]  # the state after the last kept one is the session's own
+            review = {t for t in kept if t in self.records and self.records[t].review}
+            candidates = [i for i in range(1, len(kept)) if kept[i] not in review] or list(range(1, len(kept)))
+            drop = min(candidates, key=lambda i: (ends[i] - kept[i - 1], kept[i]))
+            del self._snapshots[kept[drop]]
 
 
 def _replace_object(output: np.ndarray, label: int, mask: np.ndarray) -> None:

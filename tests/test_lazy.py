@@ -419,3 +419,73 @@ def test_sustained_trigger_is_on_for_the_embedded_engine_and_can_be_switched_off
     monkeypatch.setenv("LEVEL_RUN", "many")
     with pytest.raises(Exception, match="LEVEL_RUN='many' is not a number"):
         BackendSettings.from_env()
+
+
+class DriftPropagator(CarryPropagator):
+    """Moves the last committed mask one pixel right per frame: every frame's output depends on
+    the exact state it started from, so a state restored from the wrong frame shows."""
+
+    def step(self, frame, given=None):
+        probs = super().step(frame, given)
+        if given is None and self._pending is not None:
+            self._pending = np.roll(self._pending, 1, axis=1)
+            probs = np.roll(probs, 1, axis=2)
+        return probs
+
+
+def test_kept_states_stay_under_the_cap_and_corrections_replay_the_same_masks():
+    frames = [np.full((H, W, 3), t, np.uint8) for t in range(60)]
+    start = np.zeros((H, W), np.uint8)
+    start[10:20, 0:8] = 1
+
+    def session(cap):
+        prop = DriftPropagator()
+        return prop, LazySession(prop, frames, {0: start}, config=LazyConfig(pseudo=False, snapshot_every=2,
+                                                                            max_snapshots=cap))
+
+    prop, capped = session(4)
+    counts = []
+    capped.run(progress=lambda n: counts.append(len(capped._snapshots)))
+    assert max(counts) == 4 and 0 in capped._snapshots
+    kept = sorted(capped._snapshots)
+    assert max(b - a for a, b in zip(kept, kept[1:])) <= 32  # thinned evenly, not just the oldest kept
+    _, full = session(1000)
+    full.run()
+    assert len(full._snapshots) == 30
+    for t, box in ((20, (5, 15, 30, 40)), (45, (0, 10, 0, 12)), (33, (20, 30, 10, 20))):
+        fix = np.zeros((H, W), bool)
+        fix[box[0]:box[1], box[2]:box[3]] = True
+        prop.steps.clear()
+        resume = capped.correct({(t, 1): Correction(mask=fix)})
+        full.correct({(t, 1): Correction(mask=fix)})
+        assert resume <= t and prop.steps[0] == resume and len(prop.steps) == 60 - resume
+        assert len(capped._snapshots) <= 4
+        for u in range(60):
+            assert (capped.records[u].mask == full.records[u].mask).all(), (t, u)
+        assert (capped.records[t].mask.astype(bool) == fix).all()
+        assert (capped.records[t + 3].mask.astype(bool) == np.roll(fix, 3, axis=1)).all()
+
+
+def test_review_frames_keep_their_state_before_periodic_ones():
+    prop = ScriptedPropagator(SCRIPT)
+    s = LazySession(prop, FRAMES, {0: first_mask()}, refiner=RecordingRefiner(),
+                    config=LazyConfig(snapshot_every=1, max_snapshots=2))
+    s.run()
+    assert s.review_frames == [5] and sorted(s._snapshots) == [0, 5]
+    prop.steps.clear()
+    s.correct({(5, 1): Correction(mask=np.ones((H, W), bool))})
+    assert prop.steps == [5, 6, 7]
+    with pytest.raises(ValueError, match="max_snapshots must be >= 1"):
+        LazySession(ScriptedPropagator(SCRIPT), FRAMES, {0: first_mask()}, refiner=RecordingRefiner(),
+                    config=LazyConfig(max_snapshots=0))
+
+
+def test_the_backend_reads_max_snapshots(monkeypatch):
+    from backend.model import BackendSettings
+
+    assert BackendSettings.from_env().lazy.max_snapshots == LazyConfig().max_snapshots
+    monkeypatch.setenv("MAX_SNAPSHOTS", "8")
+    assert BackendSettings.from_env().lazy.max_snapshots == 8
+    monkeypatch.setenv("MAX_SNAPSHOTS", "some")
+    with pytest.raises(Exception, match="MAX_SNAPSHOTS='some' is not a number"):
+        BackendSettings.from_env()
