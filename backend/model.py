@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,7 +23,7 @@ from lazyxmem_core.errors import LazyXMemError
 from lazyxmem_core.lazy import LazyConfig, LazySession
 from lazyxmem_core.media import ArrayFrames, FrameSequence, VideoFrames, video_frame_count
 from lazyxmem_core.protocols import Refiner
-from lazyxmem_core.types import Click, Correction, Decision
+from lazyxmem_core.types import Click, Correction, Decision, FrameRecord
 
 from . import convert
 from .convert import ObjectPrompt, TaskError
@@ -136,13 +136,30 @@ class TaskState:
     # newer than this process's own session, which never sees the corrections.
     stored: tuple[float, list[np.ndarray]] | None = None
 
-    def masks(self) -> list[np.ndarray]:
+    def masks(self) -> Sequence[np.ndarray]:
         if self.stored is not None:
             return self.stored[1]
-        h, w = self.frames[0].shape[:2]
-        empty = np.zeros((h, w), np.uint8)
-        recs = self.session.records
-        return [recs[t].mask if t in recs else empty for t in range(len(self.frames))]
+        return SessionMasks(self.session.records, len(self.frames), self.frames[0].shape[:2])
+
+
+class SessionMasks(Sequence):
+    """A session's output masks, one unpacked per read (a long video's do not fit in memory at
+    once); frames the session has not reached are empty."""
+
+    def __init__(self, records: Mapping[int, FrameRecord], n: int, shape: tuple[int, int]) -> None:
+        self.records, self.n, self.shape = records, n, shape
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, t):  # type: ignore[override]
+        if isinstance(t, slice):
+            return [self[i] for i in range(*t.indices(self.n))]
+        t = int(t) + (self.n if t < 0 else 0)
+        if not 0 <= t < self.n:
+            raise IndexError(f"frame {t} is outside the video (0..{self.n - 1})")
+        rec = self.records.get(t)
+        return rec.mask if rec is not None else np.zeros(self.shape, np.uint8)
 
 
 class LazyXMemModel:

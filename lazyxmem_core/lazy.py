@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .protocols import Propagator, Refiner
-from .types import Click, Correction, Decision, FrameRecord, ObjectRecord
+from .types import Click, Correction, Decision, FrameRecord, ObjectRecord, PackedMask
 from .uncertainty import argmax_channels, object_uncertainty
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ class LazySession:
                 self._prev_S[label] = rec.S
             self._prev_area[label] = rec.area
         self.records[t] = FrameRecord(
-            index=t, mask=output, objects=objects, written=bool(written), given=given is not None,
+            index=t, packed=PackedMask.pack(output), objects=objects, written=bool(written), given=given is not None,
             seconds=(t1 - t0) + (t3 - t2), lazy_seconds=lazy_seconds,
         )
         if cfg.backward and user_corrected:
@@ -334,7 +334,7 @@ class LazySession:
                 rec = self.records.get(tau)
                 if rec is None:
                     continue
-                mask = rec.mask
+                mask, changed = rec.mask, False
                 for c in labels:
                     if tau < lo[c] or c not in rec.objects:
                         continue
@@ -345,11 +345,10 @@ class LazySession:
                         continue  # the backward pass lost the object: nothing to offer here
                     S_b = object_uncertainty(probs, b).S
                     if S_b * (1.0 - w) < rec.objects[c].S * w:
-                        if mask is rec.mask:
-                            mask = mask.copy()
                         _replace_object(mask, c, b)
-                        rec.objects[c].revised = True
-                rec.mask = mask
+                        rec.objects[c].revised = changed = True
+                if changed:
+                    rec.mask = mask
         finally:
             self.propagator.restore(state)
 

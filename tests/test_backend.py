@@ -507,3 +507,17 @@ def test_predicting_again_after_a_correction_keeps_it(client, fake_ls, start):
     assert all((a == b).all() for a, b in zip(corrected, held.masks()))
     brushes = {x["item_index"]: x for x in pred["result"] if x["type"] == "brushlabels"}
     assert (decode_brush(brushes[6]["value"], W, H, "test") == (corrected[6] == 1)).all()
+
+
+def test_session_masks_unpack_one_frame_at_a_time():
+    from backend.model import SessionMasks
+    from lazyxmem_core.types import FrameRecord, PackedMask
+
+    m = np.zeros((6, 8), np.uint8)
+    m[1:3, 2:5] = 2
+    masks = SessionMasks({1: FrameRecord(index=1, packed=PackedMask.pack(m), objects={}, written=True)}, 3, (6, 8))
+    assert len(masks) == 3 and (masks[1] == m).all() and (masks[-2] == m).all()
+    assert not masks[0].any() and masks[2].shape == (6, 8)  # not reached yet: empty
+    assert [x.sum() for x in masks] == [0, m.sum(), 0] and len(masks[1:]) == 2
+    with pytest.raises(IndexError, match="outside the video"):
+        masks[3]

@@ -489,3 +489,20 @@ def test_the_backend_reads_max_snapshots(monkeypatch):
     monkeypatch.setenv("MAX_SNAPSHOTS", "some")
     with pytest.raises(Exception, match="MAX_SNAPSHOTS='some' is not a number"):
         BackendSettings.from_env()
+
+
+def test_records_keep_their_masks_packed_and_hand_out_copies():
+    from lazyxmem_core.types import FrameRecord, PackedMask
+
+    recs = LazySession(ScriptedPropagator(SCRIPT), FRAMES, {0: first_mask()}, refiner=RecordingRefiner()).run()
+    for r in recs:
+        assert len(r.packed.data) * 10 < r.mask.nbytes  # an index mask compresses well
+    m = recs[1].mask
+    assert m.dtype == np.uint8 and m.shape == (H, W) and (m == first_mask()).all()
+    m[:] = 7  # a copy: the record keeps its mask
+    assert (recs[1].mask == first_mask()).all()
+    many = np.arange(H * W, dtype=np.uint16).reshape(H, W) % 300  # more than 255 objects
+    rec = FrameRecord(index=0, packed=PackedMask.pack(many), objects={}, written=False)
+    assert rec.mask.dtype == np.uint16 and (rec.mask == many).all()
+    rec.mask = first_mask()
+    assert rec.mask.dtype == np.uint8 and (rec.mask == first_mask()).all()
