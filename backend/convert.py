@@ -219,9 +219,12 @@ def video_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequen
     """
     n = len(masks)
     out = []
+    boxes_of: dict[int, list] = {value: [] for value, _ in objects}
+    for m in masks:  # each frame read once (a session unpacks it per read)
+        for value, boxes in boxes_of.items():
+            boxes.append(mask_box(m == value))
     for value, text in objects:
-        boxes = [mask_box(m == value) for m in masks]
-        seq = keyframes(boxes, tolerance)
+        seq = keyframes(boxes_of[value], tolerance)
         for k in seq:
             k["time"] = round((k["frame"] - 1) / fps, 4)
         if not seq:

@@ -2,7 +2,7 @@
 ``max_snapshots`` cap, side by side in one run.
 
     .venv/bin/python bench/session_memory.py [--engine xmem|embedded] [--frames 1500]
-        [--height 96 --width 160] [--cap 32]
+        [--height 96 --width 160] [--cap 32] [--max-long-term-elements 10000]
 
 Two sessions step through the same synthetic video (a textured background panning, an object
 moving on it) in lockstep: one with the cap, one without. Every 10 % of the video it prints, per
@@ -81,7 +81,7 @@ def held_bytes(obj: Any, seen: dict[int, int] | None = None) -> dict[int, int]:
     return seen
 
 
-def propagator(engine: str, frames: int) -> Any:
+def propagator(engine: str, frames: int, long_term: int) -> Any:
     if engine == "embedded":
         from lazyxmem_core.embedded import EmbeddedPropagator
 
@@ -90,7 +90,7 @@ def propagator(engine: str, frames: int) -> Any:
     from lazyxmem_core.xmem.model import XMemNet
     from lazyxmem_core.xmem.random_weights import random_state_dict
 
-    prop = XMemPropagator(XMemNet.from_state_dict(random_state_dict(0)), XMemConfig(size=-1))
+    prop = XMemPropagator(XMemNet.from_state_dict(random_state_dict(0)), XMemConfig(size=-1, max_long_term_elements=long_term))
     prop.video_length = frames
     return prop
 
@@ -102,6 +102,9 @@ def main() -> int:
     ap.add_argument("--height", type=int, default=96)
     ap.add_argument("--width", type=int, default=160)
     ap.add_argument("--cap", type=int, default=LazyConfig().max_snapshots)
+    ap.add_argument("--max-long-term-elements", type=int, default=10000,
+                    help="XMem's long-term cap; each kept state grows until long-term memory is full, "
+                         "which a smaller cap reaches sooner")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -110,7 +113,7 @@ def main() -> int:
     cx, cy, r = video.disc(0)
     cv2.circle(given, (cx, cy), r, 1, -1)
     caps = {"capped": a.cap, "uncapped": 10 ** 9}
-    sessions = {name: LazySession(propagator(a.engine, a.frames), video, {0: given},
+    sessions = {name: LazySession(propagator(a.engine, a.frames, a.max_long_term_elements), video, {0: given},
                                   config=LazyConfig(pseudo=False, udu=False, max_snapshots=cap))
                 for name, cap in caps.items()}
     print(f"{a.engine}, {a.frames} frames {a.width}x{a.height}, a state kept every "

@@ -51,7 +51,7 @@ class LazyConfig:
     snapshot_every: int = 10  # keep the propagator's state every k frames for deferred corrections
     # Each kept state costs memory (XMem's holds its memory bank, on the GPU: tens of MB per object
     # at 480p), so a long video keeps at most this many. Past the cap the state whose removal
-    # leaves the smallest gap goes (review frames' last): a correction then replays at most about
+    # leaves the smallest gap goes (review frames last): a correction then replays at most about
     # len(video) / max_snapshots frames, and memory stays flat however long the video.
     max_snapshots: int = 32
     # A user correction is also propagated backwards, to the object's previous human-made mask, and
