@@ -21,7 +21,7 @@ from lazyxmem_core import __version__
 from lazyxmem_core.engines import EngineSettings, build_propagator, build_refiner, lazy_config, propagator_name
 from lazyxmem_core.errors import LazyXMemError
 from lazyxmem_core.lazy import LazyConfig, LazySession
-from lazyxmem_core.media import ArrayFrames, FrameSequence, VideoFrames, video_frame_count
+from lazyxmem_core.media import FrameSequence, ImageFiles, VideoFrames, video_frame_count
 from lazyxmem_core.protocols import Refiner
 from lazyxmem_core.types import Click, Correction, Decision, FrameRecord
 
@@ -77,6 +77,7 @@ class BackendSettings:
     allowed_hosts: frozenset[str] = frozenset()
     max_media_mb: float = 2048
     max_frames: int = 20000
+    frame_store_mb: float = 8192  # a video whose raw frames are larger is kept JPEG-compressed on disk
     max_sessions: int = 8
     sync_budget_s: float = 60.0  # propagate inside /predict only when it should end within this
     redis_url: str | None = None  # jobs on RQ over Redis (``lazyxmem worker`` processes); None: in-process
@@ -98,6 +99,7 @@ class BackendSettings:
             allowed_hosts=frozenset(h for h in os.environ.get("ALLOWED_MEDIA_HOSTS", "").split(",") if h),
             max_media_mb=_env_float("MAX_MEDIA_MB", cls.max_media_mb),
             max_frames=int(_env_float("MAX_FRAMES", cls.max_frames)),
+            frame_store_mb=_env_float("FRAME_STORE_MB", cls.frame_store_mb),
             max_sessions=int(_env_float("MAX_SESSIONS", cls.max_sessions)),
             sync_budget_s=_env_float("SYNC_BUDGET_S", cls.sync_budget_s),
             redis_url=os.environ.get("REDIS_URL") or None,
@@ -218,7 +220,7 @@ class LazyXMemModel:
             if not isinstance(value, str):
                 raise TaskError(f"task {task.get('id')}: data.{cfg.value_key} must be a video URL")
             path = self.fetcher.fetch(value)
-            frames = VideoFrames(path, max_frames=self.settings.max_frames)
+            frames = VideoFrames(path, max_frames=self.settings.max_frames, raw_limit_mb=self.settings.frame_store_mb)
             return frames, cfg.frame_rate or frames.fps
         if not isinstance(value, list) or not value or not all(isinstance(u, str) for u in value):
             raise TaskError(f"task {task.get('id')}: data.{cfg.value_key} must be a non-empty list of image URLs")
@@ -226,15 +228,19 @@ class LazyXMemModel:
             raise TaskError(f"task {task.get('id')} has {len(value)} frames, over MAX_FRAMES={self.settings.max_frames}")
         import cv2
 
-        images = []
+        # Checked whole now (a bad image is an error before any work), then decoded again when
+        # read: a long sequence's decoded images are never all in memory.
+        files, shapes = [], set()
         for url in value:
-            bgr = cv2.imread(str(self.fetcher.fetch(url)), cv2.IMREAD_COLOR)
+            path = self.fetcher.fetch(url)
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if bgr is None:
                 raise TaskError(f"task {task.get('id')}: image {url} cannot be decoded")
-            images.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-        if len({im.shape for im in images}) > 1:
+            files.append(path)
+            shapes.add(bgr.shape)
+        if len(shapes) > 1:
             raise TaskError(f"task {task.get('id')}: the images of a sequence must all have one size")
-        return ArrayFrames(images), 1.0
+        return ImageFiles(files), 1.0
 
     def declared_frames(self, task: dict, cfg: LabelConfig) -> int | None:
         """A video task's frame count as its container declares it (the file is fetched, not

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -45,23 +45,17 @@ class FrameSequence:
             yield self[i]
 
 
-class FrameDir(FrameSequence):
-    """Frames stored as image files in a folder, ordered by name (00000.jpg, 00001.jpg, ...)."""
+class ImageFiles(FrameSequence):
+    """Frames stored as image files, decoded when read (the last few kept): a long sequence is
+    never held in memory whole."""
 
-    def __init__(self, path: str | os.PathLike, cache: int = 8) -> None:
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise MediaError(f"frames folder {self.path} does not exist: pass a folder of .jpg/.png frames")
-        self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS)
+    def __init__(self, files: Sequence[str | os.PathLike], cache: int = 8) -> None:
+        self.files = [Path(f) for f in files]
         if not self.files:
-            raise MediaError(f"no frames in {self.path}: expected files ending in {', '.join(FRAME_EXTENSIONS)}")
+            raise MediaError("no frames given")
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_size = cache
         self._shape: tuple[int, int] | None = None
-
-    @property
-    def names(self) -> list[str]:
-        return [p.stem for p in self.files]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -90,14 +84,35 @@ class FrameDir(FrameSequence):
         return frame
 
 
+class FrameDir(ImageFiles):
+    """Frames stored as image files in a folder, ordered by name (00000.jpg, 00001.jpg, ...)."""
+
+    def __init__(self, path: str | os.PathLike, cache: int = 8) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise MediaError(f"frames folder {self.path} does not exist: pass a folder of .jpg/.png frames")
+        files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS)
+        if not files:
+            raise MediaError(f"no frames in {self.path}: expected files ending in {', '.join(FRAME_EXTENSIONS)}")
+        super().__init__(files, cache)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.stem for p in self.files]
+
+
 class VideoFrames(FrameSequence):
-    """A video file decoded once into a raw frame store on disk (memory-mapped).
+    """A video file decoded once into a frame store on disk (an anonymous temporary file).
 
     Random access matters (deferred corrections resume mid-video) and video seeking is not
-    frame-exact for every codec, so frames are decoded in order once and kept uncompressed.
+    frame-exact for every codec, so frames are decoded in order once and kept. Raw (memory-mapped,
+    fastest to read) while the video's raw size stays within ``raw_limit_mb``; beyond it each frame
+    is kept as a JPEG (quality 95: about a twelfth of the size, a mean error under one grey
+    level), since a long HD video's raw frames would fill the disk (1080p: 6 MB a frame).
     """
 
-    def __init__(self, path: str | os.PathLike, max_frames: int | None = None, workdir: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, max_frames: int | None = None, workdir: str | None = None,
+                 raw_limit_mb: float | None = 8192, cache: int = 4) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise MediaError(f"video file {self.path} does not exist")
@@ -105,8 +120,11 @@ class VideoFrames(FrameSequence):
         if not cap.isOpened():
             raise MediaError(f"cannot decode video {self.path}: OpenCV could not open it (unsupported or damaged file)")
         self.fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) or 25.0
+        declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         # An anonymous file (unlinked at once): the kernel frees it when the process ends, even on SIGKILL.
         self._tmp = tempfile.TemporaryFile(prefix="lazyxmem-frames-", suffix=".raw", dir=workdir)
+        self.compressed = False
+        offsets = [0]
         count, shape = 0, None
         try:
             while True:
@@ -115,9 +133,17 @@ class VideoFrames(FrameSequence):
                     break
                 if shape is None:
                     shape = bgr.shape
+                    # A container that declares no length may be long: compress to be safe.
+                    self.compressed = raw_limit_mb is not None and (
+                        declared <= 0 or declared * bgr.nbytes > raw_limit_mb * 2**20)
                 elif bgr.shape != shape:
                     raise MediaError(f"video {self.path} changes frame size at frame {count}")
-                self._tmp.write(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).tobytes())
+                if self.compressed:
+                    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+                    self._tmp.write(buf.tobytes())
+                    offsets.append(offsets[-1] + buf.size)
+                else:
+                    self._tmp.write(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).tobytes())
                 count += 1
                 if max_frames is not None and count > max_frames:
                     raise MediaError(f"video {self.path} has more than {max_frames} frames (the configured limit)")
@@ -126,13 +152,39 @@ class VideoFrames(FrameSequence):
         if count == 0 or shape is None:
             raise MediaError(f"cannot decode video {self.path}: no frame could be read (unsupported codec or not a video)")
         self._tmp.flush()
-        self._frames = np.memmap(self._tmp, dtype=np.uint8, mode="r", shape=(count, *shape))
+        self._count, self.shape = count, shape
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_size = cache
+        if self.compressed:
+            self._offsets = np.asarray(offsets, np.int64)
+            self._data = np.memmap(self._tmp, dtype=np.uint8, mode="r", shape=(int(self._offsets[-1]),))
+        else:
+            self._frames = np.memmap(self._tmp, dtype=np.uint8, mode="r", shape=(count, *shape))
+
+    @property
+    def stored_bytes(self) -> int:
+        """Size of the frame store on disk."""
+        return int(self._offsets[-1]) if self.compressed else self._frames.nbytes
 
     def __len__(self) -> int:
-        return self._frames.shape[0]
+        return self._count
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return np.asarray(self._frames[index])
+        if not self.compressed:
+            return np.asarray(self._frames[index])
+        index = int(index) + (self._count if index < 0 else 0)
+        if not 0 <= index < self._count:
+            raise IndexError(f"frame {index} is outside the video (0..{self._count - 1})")
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        bgr = cv2.imdecode(self._data[self._offsets[index]:self._offsets[index + 1]], cv2.IMREAD_COLOR)
+        frame = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        frame.flags.writeable = False  # shared by the cache, and read-only like the raw store's frames
+        self._cache[index] = frame
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return frame
 
 
 def video_frame_count(path: str | os.PathLike) -> int | None:

@@ -12,8 +12,8 @@ from PIL import Image
 
 from lazyxmem_core.cli import main
 from lazyxmem_core.errors import MediaError
-from lazyxmem_core.media import (FrameDir, VideoFrames, davis_palette, read_index_mask, video_frame_count,
-                                 write_index_mask)
+from lazyxmem_core.media import (FrameDir, ImageFiles, VideoFrames, davis_palette, read_index_mask,
+                                 video_frame_count, write_index_mask)
 from synthetic import make_video
 
 
@@ -58,6 +58,42 @@ def test_video_file_is_decoded_with_random_access(tmp_path):
     with pytest.raises(MediaError, match="cannot decode video"):
         VideoFrames(tmp_path / "broken.mp4")
     assert video_frame_count(tmp_path / "broken.mp4") is None
+
+
+def test_a_long_video_is_kept_jpeg_compressed_on_disk(tmp_path):
+    video = make_video(n_frames=8, size=(96, 128))
+    path = tmp_path / "v.avi"
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (128, 96))
+    for f in video.frames:
+        w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    w.release()
+    raw = VideoFrames(path)  # 8 x 36 KB: under the default limit
+    small = VideoFrames(path, raw_limit_mb=0.1)  # 288 KB raw: over it
+    assert not raw.compressed and small.compressed
+    assert small.stored_bytes * 3 < raw.stored_bytes == 8 * 96 * 128 * 3
+    assert len(small) == 8
+    for t in (5, 0, -1, 5):  # random access, from the cache too
+        f = small[t]
+        assert f.shape == (96, 128, 3) and f.dtype == np.uint8 and not f.flags.writeable
+        # Quality 95: the same picture (this noise texture is JPEG's worst case; DAVIS frames: 0.2-0.5).
+        assert np.abs(f.astype(int) - raw[t]).mean() < 4.0 < np.abs(f.astype(int) - raw[t - 1]).mean()
+    with pytest.raises(IndexError, match="outside the video"):
+        small[8]
+
+
+def test_image_files_decode_on_read_and_keep_only_a_few(tmp_path):
+    video = make_video(n_frames=12, size=(40, 48))
+    folder = write_frames(tmp_path / "frames", video.frames)
+    frames = ImageFiles(sorted(folder.iterdir()), cache=3)
+    assert len(frames) == 12
+    for t in range(12):
+        assert np.abs(frames[t].astype(int) - video.frames[t]).mean() < 12
+        assert len(frames._cache) <= 3
+    cv2.imwrite(str(folder / "99999.png"), np.zeros((10, 10, 3), np.uint8))
+    odd = ImageFiles(sorted(folder.iterdir()))
+    assert odd[0].shape == (40, 48, 3)
+    with pytest.raises(MediaError, match="all frames of a video must have one size"):
+        odd[12]
 
 
 def test_frame_dir_errors(tmp_path):
