@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import MediaError
+from .refine_common import FrameCache
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MAX_LABEL = 255  # index PNGs hold 8-bit labels
@@ -53,8 +53,7 @@ class ImageFiles(FrameSequence):
         self.files = [Path(f) for f in files]
         if not self.files:
             raise MediaError("no frames given")
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._cache_size = cache
+        self._cache: FrameCache[np.ndarray] = FrameCache(cache)
         self._shape: tuple[int, int] | None = None
 
     def __len__(self) -> int:
@@ -63,9 +62,9 @@ class ImageFiles(FrameSequence):
     def __getitem__(self, index: int) -> np.ndarray:
         if index < 0:
             index += len(self)
-        if index in self._cache:
-            self._cache.move_to_end(index)
-            return self._cache[index]
+        return self._cache.get(index, lambda: self._read(index))
+
+    def _read(self, index: int) -> np.ndarray:
         path = self.files[index]
         bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if bgr is None:
@@ -78,9 +77,6 @@ class ImageFiles(FrameSequence):
                 f"frame {path.name} is {frame.shape[1]}x{frame.shape[0]} but the first frame is "
                 f"{self._shape[1]}x{self._shape[0]}: all frames of a video must have one size"
             )
-        self._cache[index] = frame
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
         return frame
 
 
@@ -153,8 +149,7 @@ class VideoFrames(FrameSequence):
             raise MediaError(f"cannot decode video {self.path}: no frame could be read (unsupported codec or not a video)")
         self._tmp.flush()
         self._count, self.shape = count, shape
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._cache_size = cache
+        self._cache: FrameCache[np.ndarray] = FrameCache(cache)
         if self.compressed:
             self._offsets = np.asarray(offsets, np.int64)
             self._data = np.memmap(self._tmp, dtype=np.uint8, mode="r", shape=(int(self._offsets[-1]),))
@@ -175,15 +170,12 @@ class VideoFrames(FrameSequence):
         index = int(index) + (self._count if index < 0 else 0)
         if not 0 <= index < self._count:
             raise IndexError(f"frame {index} is outside the video (0..{self._count - 1})")
-        if index in self._cache:
-            self._cache.move_to_end(index)
-            return self._cache[index]
+        return self._cache.get(index, lambda: self._decode(index))
+
+    def _decode(self, index: int) -> np.ndarray:
         bgr = cv2.imdecode(self._data[self._offsets[index]:self._offsets[index + 1]], cv2.IMREAD_COLOR)
         frame = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         frame.flags.writeable = False  # shared by the cache, and read-only like the raw store's frames
-        self._cache[index] = frame
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
         return frame
 
 

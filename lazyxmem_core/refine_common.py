@@ -1,4 +1,4 @@
-"""Shared by the refiners: input checks and a small per-frame LRU cache.
+"""Shared by the refiners: input checks and a small per-frame LRU cache (the frame stores use it too).
 
 Every refiner validates the same prompt arguments and keys its per-frame work (SAM's image
 embedding, GrabCut's colour conversion) the same way, so both live here.
@@ -6,6 +6,7 @@ embedding, GrabCut's colour conversion) the same way, so both live here.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, TypeVar
@@ -72,21 +73,27 @@ class FrameCache(Generic[T]):
             raise ValueError(f"cache size must be at least 1, got {size}")
         self.size = size
         self._items: OrderedDict[Hashable, T] = OrderedDict()
+        self._lock = threading.Lock()
         self.misses = 0  # how many values were computed: lets tests count encodes
 
     def get(self, key: Hashable, compute: Callable[[], T]) -> T:
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
+        # Web threads and a job may read one task's frames at once; the value is computed
+        # outside the lock (two threads may both compute it, which is harmless).
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
         value = compute()
-        self.misses += 1
-        self._items[key] = value
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
+        with self._lock:
+            self.misses += 1
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
         return value
 
     def clear(self) -> None:
-        self._items.clear()
+        with self._lock:
+            self._items.clear()
 
     def __len__(self) -> int:
         return len(self._items)
