@@ -15,7 +15,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -163,8 +164,11 @@ class MaskStore:
         them, unless newer ones are there."""
         from redis.exceptions import WatchError
 
-        buf = io.BytesIO()  # one zip member a frame: no (T, H, W) copy of a long video
-        np.savez_compressed(buf, **{f"f{t}": np.asarray(m, np.uint8) for t, m in enumerate(masks)})
+        buf = io.BytesIO()  # np.load reads it back as an .npz: one zip member a frame, written one at a time
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for t, m in enumerate(masks):
+                with zf.open(f"f{t}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(m, np.uint8))
         key = self.key(task, model_version)
         with self.redis.pipeline() as pipe:
             while True:
@@ -183,7 +187,7 @@ class MaskStore:
                 except WatchError:  # another worker wrote in between: compare again
                     continue
 
-    def get(self, task: dict, model_version: str, newer_than: float = -1.0) -> tuple[float, list[np.ndarray]] | None:
+    def get(self, task: dict, model_version: str, newer_than: float = -1.0) -> tuple[float, StoredMasks] | None:
         """(stamp, masks) when the store holds masks newer than ``newer_than``, else None."""
         key = self.key(task, model_version)
         stamp = self.redis.hget(key, "stamp")
@@ -194,13 +198,34 @@ class MaskStore:
         blob = self.redis.hget(key, "masks")
         if blob is None:
             return None
-        with np.load(io.BytesIO(blob)) as data:
-            return float(stamp), [data[f"f{t}"] for t in range(len(data.files))]
+        return float(stamp), StoredMasks(blob)
 
     def prediction(self, task: dict, model_version: str) -> dict | None:
         """The prediction the latest job made for ``task`` (None when no job stored one)."""
         raw = self.redis.hget(self.key(task, model_version), "prediction")
         return json.loads(raw) if raw else None
+
+
+class StoredMasks(Sequence):
+    """The masks a worker stored, decompressed one frame per read: a long video's stay compressed
+    (854x480: 400 KB a frame raw, a few KB in the blob)."""
+
+    def __init__(self, blob: bytes) -> None:
+        self._npz = np.load(io.BytesIO(blob))
+        self._n = len(self._npz.files)
+        self._lock = threading.Lock()  # the zip reader seeks in one shared buffer
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, t):  # type: ignore[override]
+        if isinstance(t, slice):
+            return [self[i] for i in range(*t.indices(self._n))]
+        t = int(t) + (self._n if t < 0 else 0)
+        if not 0 <= t < self._n:
+            raise IndexError(f"frame {t} is outside the video (0..{self._n - 1})")
+        with self._lock:
+            return self._npz[f"f{t}"]
 
 
 class ProgressMeter:

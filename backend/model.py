@@ -136,7 +136,7 @@ class TaskState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # With workers: (stamp, masks) of the latest job a worker finished (see jobs.MaskStore);
     # newer than this process's own session, which never sees the corrections.
-    stored: tuple[float, list[np.ndarray]] | None = None
+    stored: tuple[float, Sequence[np.ndarray]] | None = None
 
     def masks(self) -> Sequence[np.ndarray]:
         if self.stored is not None:

@@ -340,6 +340,9 @@ def test_mask_store_keeps_the_latest_jobs_masks(redis_url):
     assert not store.put(task, "v1", 20.0, frames, only_if_absent=True), "a propagation never overwrites"
     stamp, got = store.get(task, "v1")
     assert stamp == 10.0 and len(got) == 5 and all((a == b).all() for a, b in zip(got, newer))
+    assert (got[-1] == newer[4]).all() and got[2].dtype == np.uint8 and len(got[1:3]) == 2
+    with pytest.raises(IndexError, match="outside the video"):
+        got[5]
     assert store.get(task, "v1", newer_than=10.0) is None, "nothing newer than what the caller holds"
     assert store.prediction(task, "v1") == {"model_version": "v1-r1", "result": []}
     assert store.prediction(task, "v2") is None
