@@ -206,24 +206,37 @@ class MaskStore:
         return json.loads(raw) if raw else None
 
 
-class StoredMasks(Sequence):
-    """The masks a worker stored, decompressed one frame per read: a long video's stay compressed
-    (854x480: 400 KB a frame raw, a few KB in the blob)."""
+class FrameMasks(Sequence):
+    """Per-frame index masks produced one per read (``_read``): a long video's are never all
+    decoded at once. Handles the indexing: negative indices, slices, bounds."""
 
-    def __init__(self, blob: bytes) -> None:
-        self._npz = np.load(io.BytesIO(blob))
-        self._n = len(self._npz.files)
-        self._lock = threading.Lock()  # the zip reader seeks in one shared buffer
+    n: int
 
     def __len__(self) -> int:
-        return self._n
+        return self.n
 
     def __getitem__(self, t):  # type: ignore[override]
         if isinstance(t, slice):
-            return [self[i] for i in range(*t.indices(self._n))]
-        t = int(t) + (self._n if t < 0 else 0)
-        if not 0 <= t < self._n:
-            raise IndexError(f"frame {t} is outside the video (0..{self._n - 1})")
+            return [self[i] for i in range(*t.indices(self.n))]
+        t = int(t) + (self.n if t < 0 else 0)
+        if not 0 <= t < self.n:
+            raise IndexError(f"frame {t} is outside the video (0..{self.n - 1})")
+        return self._read(t)
+
+    def _read(self, t: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class StoredMasks(FrameMasks):
+    """The masks a worker stored, decompressed one frame per read (854x480: 400 KB a frame raw,
+    a few KB in the blob)."""
+
+    def __init__(self, blob: bytes) -> None:
+        self._npz = np.load(io.BytesIO(blob))
+        self.n = len(self._npz.files)
+        self._lock = threading.Lock()  # the zip reader seeks in one shared buffer
+
+    def _read(self, t: int) -> np.ndarray:
         with self._lock:
             return self._npz[f"f{t}"]
 

@@ -28,7 +28,7 @@ from lazyxmem_core.types import Click, Correction, Decision, FrameRecord
 from . import convert
 from .convert import ObjectPrompt, TaskError
 from .fetch import MediaFetcher
-from .jobs import JobSpec, MaskStore, PostLedger, Progress, initial_regions, make_queue, start_digest
+from .jobs import FrameMasks, JobSpec, MaskStore, PostLedger, Progress, initial_regions, make_queue, start_digest
 from .labelconfig import LabelConfig, parse_label_config
 
 log = logging.getLogger(__name__)
@@ -144,22 +144,13 @@ class TaskState:
         return SessionMasks(self.session.records, len(self.frames), self.frames[0].shape[:2])
 
 
-class SessionMasks(Sequence):
-    """A session's output masks, one unpacked per read (a long video's do not fit in memory at
-    once); frames the session has not reached are empty."""
+class SessionMasks(FrameMasks):
+    """A session's output masks, one unpacked per read; frames the session has not reached are empty."""
 
     def __init__(self, records: Mapping[int, FrameRecord], n: int, shape: tuple[int, int]) -> None:
         self.records, self.n, self.shape = records, n, shape
 
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, t):  # type: ignore[override]
-        if isinstance(t, slice):
-            return [self[i] for i in range(*t.indices(self.n))]
-        t = int(t) + (self.n if t < 0 else 0)
-        if not 0 <= t < self.n:
-            raise IndexError(f"frame {t} is outside the video (0..{self.n - 1})")
+    def _read(self, t: int) -> np.ndarray:
         rec = self.records.get(t)
         return rec.mask if rec is not None else np.zeros(self.shape, np.uint8)
 

@@ -43,13 +43,19 @@ def test_index_mask_round_trip_and_formats(tmp_path):
         read_index_mask(tmp_path / "bad.png")
 
 
+def write_avi(path: Path, frames) -> Path:
+    """An MJPG AVI (OpenCV writes it everywhere) of RGB frames."""
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
+    for f in frames:
+        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
 def test_video_file_is_decoded_with_random_access(tmp_path):
     video = make_video(n_frames=6, size=(64, 80))
-    path = tmp_path / "v.avi"
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (80, 64))
-    for f in video.frames:
-        w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-    w.release()
+    path = write_avi(tmp_path / "v.avi", video.frames)
     assert video_frame_count(path) == 6  # what the container declares, read without decoding
     frames = VideoFrames(path)
     assert len(frames) == 6 and frames[3].shape == (64, 80, 3)
@@ -62,11 +68,7 @@ def test_video_file_is_decoded_with_random_access(tmp_path):
 
 def test_a_long_video_is_kept_jpeg_compressed_on_disk(tmp_path):
     video = make_video(n_frames=8, size=(96, 128))
-    path = tmp_path / "v.avi"
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (128, 96))
-    for f in video.frames:
-        w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-    w.release()
+    path = write_avi(tmp_path / "v.avi", video.frames)
     raw = VideoFrames(path)  # 8 x 36 KB: under the default limit
     small = VideoFrames(path, raw_limit_mb=0.1)  # 288 KB raw: over it
     assert not raw.compressed and small.compressed
