@@ -52,7 +52,8 @@ class LazyConfig:
     # Each kept state costs memory (XMem's holds its memory bank, on the GPU: tens of MB per object
     # at 480p), so a long video keeps at most this many. Past the cap the state whose removal
     # leaves the smallest gap goes (review frames last): a correction then replays at most about
-    # len(video) / max_snapshots frames, and memory stays flat however long the video.
+    # len(video) / max_snapshots frames, and memory stays within max_snapshots states however long
+    # the video.
     max_snapshots: int = 32
     # A user correction is also propagated backwards, to the object's previous human-made mask, and
     # revises the frames in between where the backward mask is the better bet (not in the paper;
