@@ -135,7 +135,9 @@ class VideoFrames(FrameSequence):
                 elif bgr.shape != shape:
                     raise MediaError(f"video {self.path} changes frame size at frame {count}")
                 if self.compressed:
-                    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+                    encoded, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+                    if not encoded:
+                        raise MediaError(f"video {self.path}: frame {count} could not be stored (JPEG encoding failed)")
                     self._tmp.write(buf.tobytes())
                     offsets.append(offsets[-1] + buf.size)
                 else:
@@ -148,7 +150,7 @@ class VideoFrames(FrameSequence):
         if count == 0 or shape is None:
             raise MediaError(f"cannot decode video {self.path}: no frame could be read (unsupported codec or not a video)")
         self._tmp.flush()
-        self._count, self.shape = count, shape
+        self._count = count
         self._cache: FrameCache[np.ndarray] = FrameCache(cache)
         if self.compressed:
             self._offsets = np.asarray(offsets, np.int64)
