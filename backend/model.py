@@ -23,6 +23,7 @@ from lazyxmem_core.errors import LazyXMemError
 from lazyxmem_core.lazy import LazyConfig, LazySession
 from lazyxmem_core.media import FrameSequence, ImageFiles, VideoFrames, video_frame_count
 from lazyxmem_core.protocols import Refiner
+from lazyxmem_core.refine_common import prior_inside
 from lazyxmem_core.types import Click, Correction, Decision, FrameRecord
 
 from . import convert
@@ -576,10 +577,7 @@ class LazyXMemModel:
             return np.asarray(corr.mask, bool)
         prior = state.masks()[t] == value
         if corr.box is not None:
-            inside = np.zeros_like(prior)
-            b = corr.box
-            inside[int(b.y0):int(np.ceil(b.y1)), int(b.x0):int(np.ceil(b.x1))] = True
-            prior &= inside
+            prior = prior_inside(prior, corr.box)
         mask = self.refiner().refine(state.frames[t], clicks=corr.clicks, box=corr.box, prior=prior,
                                      frame_id=("frame", state.task_id, t))
         return np.asarray(mask, bool)

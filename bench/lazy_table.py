@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--data", default=str(default_data))
     p.add_argument("--engine", default="embedded")
     p.add_argument("--refiner", default="embedded")
-    p.add_argument("--robot", default="tp", choices=("tp", "error"))
+    p.add_argument("--robot", default="tp", choices=("tp", "error", "box"))
     p.add_argument("--correction", default="refiner", choices=("refiner", "oracle"))
     p.add_argument("--modes", default="none,pseudo,lazy,rand-lazy")
     p.add_argument("--seed", type=int, default=0)

@@ -277,7 +277,9 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     p.add_argument("--data", required=True, help="DAVIS-layout folder: <sequence>/frames, <sequence>/masks")
     p.add_argument("--sequences", nargs="*", help="sequence names (default: all)")
     p.add_argument("--mode", choices=("none", "pseudo", "lazy", "rand-lazy", "every-k"), default="lazy")
-    p.add_argument("--robot", choices=("tp", "error"), default="tp", help="simulated user's click rule")
+    p.add_argument("--robot", choices=("tp", "error", "box"), default="tp",
+                   help="simulated user: tp (a click at the object's interior point), error (a click on "
+                        "the largest error region), box (the object's bounding box)")
     p.add_argument("--correction", choices=("refiner", "oracle"), default="refiner",
                    help="refiner: clicks go to the refiner; oracle: the GT mask replaces the prediction")
     p.add_argument("--k", type=int, default=None, help="every-k: the period (default: Lazy's budget)")

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .protocols import Propagator, Refiner
+from .refine_common import prior_inside
 from .types import Click, Correction, Decision, FrameRecord, ObjectRecord, PackedMask
 from .uncertainty import argmax_channels, object_uncertainty
 
@@ -405,6 +406,8 @@ class LazySession:
                 label: int) -> np.ndarray:
         if self.refiner is None:
             raise ValueError("click and box corrections need a refiner; give a mask instead, or configure a refiner")
+        if box is not None:
+            prior = prior_inside(prior, box)
         mask = self.refiner.refine(frame, clicks=clicks, box=box, prior=prior, frame_id=t,
                                    reference=self._reference.get(label))
         return np.asarray(mask, dtype=bool)

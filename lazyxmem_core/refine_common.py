@@ -97,3 +97,12 @@ class FrameCache(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def prior_inside(prior: np.ndarray, box: Box) -> np.ndarray:
+    """The part of a predicted mask inside a correction's box. The box says where the object is:
+    a prediction elsewhere is the mistake being corrected, and as the refiner's prior it would
+    pull the refined mask back to it."""
+    inside = np.zeros(prior.shape, bool)
+    inside[max(0, int(box.y0)):int(np.ceil(box.y1)), max(0, int(box.x0)):int(np.ceil(box.x1))] = True
+    return np.asarray(prior, bool) & inside

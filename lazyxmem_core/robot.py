@@ -1,4 +1,5 @@
-"""Simulated users for evaluation (metrics.md): the paper's TP robot and the error-region robot."""
+"""Simulated users for evaluation (metrics.md): the paper's TP robot, the error-region robot, and
+a box robot (the object's bounding box: what a Label Studio video reviewer corrects)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -8,7 +9,7 @@ import cv2
 import numpy as np
 
 from .lazy import UserRequest
-from .types import Click, Correction
+from .types import Box, Click, Correction
 from .uncertainty import interior_point
 
 
@@ -43,7 +44,16 @@ def error_click(gt: np.ndarray, pred: np.ndarray) -> Click | None:
     return Click(float(point[0]), float(point[1]), best[2])
 
 
-Robot = Literal["tp", "error"]
+def gt_box(gt: np.ndarray) -> Box | None:
+    """The GT object's bounding box (what a Label Studio video reviewer drags the box to), None
+    when the object is absent."""
+    ys, xs = np.nonzero(gt)
+    if ys.size == 0:
+        return None
+    return Box(float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+
+
+Robot = Literal["tp", "error", "box"]
 CorrectionMode = Literal["refiner", "oracle"]
 
 
@@ -62,6 +72,9 @@ def simulated_user(gt: Mapping[int, np.ndarray], robot: Robot = "tp", correction
         gt_mask = gt_frame == req.label
         if correction == "oracle":
             return Correction(mask=gt_mask)
+        if robot == "box":
+            box = gt_box(gt_mask)
+            return None if box is None else Correction(box=box)
         click = pick(gt_mask, req.mask)
         return None if click is None else Correction(clicks=(click,))
 

@@ -506,3 +506,46 @@ def test_records_keep_their_masks_packed_and_hand_out_copies():
     assert rec.mask.dtype == np.uint16 and (rec.mask == many).all()
     rec.mask = first_mask()
     assert rec.mask.dtype == np.uint8 and (rec.mask == first_mask()).all()
+
+
+def test_robots_answer_from_the_ground_truth():
+    from lazyxmem_core.lazy import UserRequest
+    from lazyxmem_core.robot import error_click, gt_box, simulated_user, tp_click
+    from lazyxmem_core.types import Box
+
+    gt = np.zeros((H, W), bool)
+    gt[10:30, 15:35] = True
+    pred = np.zeros((H, W), bool)
+    pred[10:30, 15:25] = True  # misses the right half
+    tp = tp_click(gt, pred)
+    assert tp.positive and 19 <= tp.x <= 30 and 14 <= tp.y <= 25  # the GT's interior, not the error's
+    err = error_click(gt, pred)
+    assert err.positive and 25 <= err.x < 35 and gt[int(err.y), int(err.x)] and not pred[int(err.y), int(err.x)]
+    assert not error_click(pred, gt).positive  # a false positive region: a negative click
+    assert gt_box(gt) == Box(15.0, 10.0, 35.0, 30.0) and gt_box(np.zeros_like(gt)) is None
+    req = UserRequest(3, 1, np.zeros((H, W, 3), np.uint8), pred, 0.9, 0.6)
+    answers = {robot: simulated_user({3: gt.astype(np.uint8)}, robot)(req) for robot in ("tp", "error", "box")}
+    assert answers["tp"].clicks == (tp,) and answers["error"].clicks == (err,)
+    assert answers["box"].box == Box(15.0, 10.0, 35.0, 30.0) and not answers["box"].clicks
+    assert (simulated_user({3: gt.astype(np.uint8)}, "box", "oracle")(req).mask == gt).all()
+    assert simulated_user({4: gt.astype(np.uint8)}, "box")(req) is None  # no ground truth there
+
+
+def test_a_box_correction_gives_the_refiner_only_the_prior_inside_the_box():
+    from lazyxmem_core.types import Box
+
+    seen = []
+
+    class PriorRefiner(RecordingRefiner):
+        def refine(self, frame, clicks=(), box=None, prior=None, frame_id=None, reference=None):
+            seen.append(prior.copy())
+            return super().refine(frame, clicks, box, prior, frame_id, reference)
+
+    box = Box(15.0, 10.0, 25.0, 30.0)  # the left half of the predicted square
+    s = LazySession(ScriptedPropagator(SCRIPT), FRAMES, {0: first_mask()}, refiner=PriorRefiner(),
+                    config=LazyConfig(pseudo=False), user=lambda req: Correction(box=box))
+    s.run()
+    assert s.records[5].objects[1].answered and len(seen) == 1
+    expected = np.zeros((H, W), bool)
+    expected[10:30, 15:25] = True
+    assert (seen[0] == expected).all()
