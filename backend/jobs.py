@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lazyxmem_core.types import Correction
+from lazyxmem_core.types import Correction, PackedMask
 
 log = logging.getLogger(__name__)
 
@@ -158,17 +158,20 @@ class MaskStore:
     def key(task: dict, model_version: str) -> str:
         return f"lazyxmem:masks:{int(task.get('id') or 0)}:{start_digest(task)}:{model_version}"
 
-    def put(self, task: dict, model_version: str, stamp: float, masks: list[np.ndarray],
+    def put(self, task: dict, model_version: str, stamp: float, masks: Sequence[np.ndarray],
             only_if_absent: bool = False, prediction: dict | None = None) -> bool:
-        """Store ``masks`` (one (H, W) uint8 index mask per frame), and the prediction made from
-        them, unless newer ones are there."""
+        """Store ``masks`` (one (H, W) index mask per frame), and the prediction made from them,
+        unless newer ones are there."""
         from redis.exceptions import WatchError
 
-        buf = io.BytesIO()  # np.load reads it back as an .npz: one zip member a frame, written one at a time
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-            for t, m in enumerate(masks):
-                with zf.open(f"f{t}.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asarray(m, np.uint8))
+        # One zip member a frame, written one at a time: a session's masks go in as it keeps them
+        # (zlib-packed), neither unpacked nor compressed again.
+        packed = masks.packed if isinstance(masks, FrameMasks) else (lambda t: PackedMask.pack(masks[t]))
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+            for t in range(len(masks)):
+                p = packed(t)
+                zf.writestr(f"{t}:{p.dtype}:{'x'.join(map(str, p.shape))}", p.data)
         key = self.key(task, model_version)
         with self.redis.pipeline() as pipe:
             while True:
@@ -207,8 +210,8 @@ class MaskStore:
 
 
 class FrameMasks(Sequence):
-    """Per-frame index masks produced one per read (``_read``): a long video's are never all
-    decoded at once. Handles the indexing: negative indices, slices, bounds."""
+    """Per-frame index masks kept packed (``packed(t)``) and unpacked one per read: a long video's
+    are never all decoded at once. Handles the indexing: negative indices, slices, bounds."""
 
     n: int
 
@@ -221,24 +224,28 @@ class FrameMasks(Sequence):
         t = int(t) + (self.n if t < 0 else 0)
         if not 0 <= t < self.n:
             raise IndexError(f"frame {t} is outside the video (0..{self.n - 1})")
-        return self._read(t)
+        return self.packed(t).unpack()
 
-    def _read(self, t: int) -> np.ndarray:
+    def packed(self, t: int) -> PackedMask:
         raise NotImplementedError
 
 
 class StoredMasks(FrameMasks):
-    """The masks a worker stored, decompressed one frame per read (854x480: 400 KB a frame raw,
-    a few KB in the blob)."""
+    """The masks a worker stored, unpacked one frame per read (854x480: 400 KB a frame raw, a
+    few KB in the blob)."""
 
     def __init__(self, blob: bytes) -> None:
-        self._npz = np.load(io.BytesIO(blob))
-        self.n = len(self._npz.files)
+        self._zip = zipfile.ZipFile(io.BytesIO(blob))
+        self._members = self._zip.namelist()
+        self.n = len(self._members)
         self._lock = threading.Lock()  # the zip reader seeks in one shared buffer
 
-    def _read(self, t: int) -> np.ndarray:
+    def packed(self, t: int) -> PackedMask:
+        name = self._members[t]
+        _, dtype, shape = name.split(":")
         with self._lock:
-            return self._npz[f"f{t}"]
+            data = self._zip.read(name)
+        return PackedMask(tuple(int(v) for v in shape.split("x")), dtype, data)
 
 
 class ProgressMeter:

@@ -24,7 +24,7 @@ from lazyxmem_core.lazy import LazyConfig, LazySession
 from lazyxmem_core.media import FrameSequence, ImageFiles, VideoFrames, video_frame_count
 from lazyxmem_core.protocols import Refiner
 from lazyxmem_core.refine_common import prior_inside
-from lazyxmem_core.types import Click, Correction, Decision, FrameRecord
+from lazyxmem_core.types import Click, Correction, Decision, FrameRecord, PackedMask
 
 from . import convert
 from .convert import ObjectPrompt, TaskError
@@ -151,9 +151,9 @@ class SessionMasks(FrameMasks):
     def __init__(self, records: Mapping[int, FrameRecord], n: int, shape: tuple[int, int]) -> None:
         self.records, self.n, self.shape = records, n, shape
 
-    def _read(self, t: int) -> np.ndarray:
+    def packed(self, t: int) -> PackedMask:
         rec = self.records.get(t)
-        return rec.mask if rec is not None else np.zeros(self.shape, np.uint8)
+        return rec.packed if rec is not None else PackedMask.pack(np.zeros(self.shape, np.uint8))
 
 
 class LazyXMemModel:
@@ -509,7 +509,7 @@ class LazyXMemModel:
         if from_store and self.store is not None:
             got = self.store.get(state.task, self.model_version, state.stored[0] if state.stored else -1.0)
             shape = (len(state.frames), *state.frames[0].shape[:2])
-            if got is not None and (len(got[1]), *got[1][0].shape) == shape:
+            if got is not None and (len(got[1]), *got[1].packed(0).shape) == shape:
                 state.stored = got
             if state.stored is not None:
                 return state
