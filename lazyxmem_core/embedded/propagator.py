@@ -10,13 +10,11 @@ Design (per frame, at an internal resolution whose long side is at most ``work_s
    in a band around the boundary that widens where flow is unreliable (occlusions, fast motion).
    A second opinion carries the mask rigidly with the object's robust affine motion (fitted to
    the flow on the object's core); the two logits are averaged, so trails that dense flow drags
-   behind a moving object become uncertain instead of sticking. Motion evidence, mostly
-   one-sided: pixels whose flow fits the background's affine motion better than the object's
-   lose object logit (up to ``motion_clip``); pixels near the object that move like it gain a
-   little (up to ``motion_support``, small: a reflection moves along with the object too), which
-   brings back parts whose colour matches the background. Around the object's last known box a
-   floor on the logit lets colour re-capture lost parts, or an object that left the frame and
-   came back.
+   behind a moving object become uncertain instead of sticking. Motion evidence, one-sided:
+   pixels whose flow fits the background's affine motion better than the object's lose object
+   logit (the object does not gain where something merely moves along with it, e.g. its
+   reflection). Around the object's last known box a floor on the logit lets colour re-capture
+   lost parts, or an object that left the frame and came back.
 3. Colour. Joint Lab histograms (see ``colour.py``): a local model taken from the previous
    frame on a coarse grid (looked up at each pixel's flow source) shrunk towards a global model
    kept in a bounded memory (anchor frames = given or IDU-corrected masks, plus the last few
@@ -72,7 +70,6 @@ class EmbeddedPropagator:
         gamma: float = 0.5,
         motion_clip: float = 6.0,
         affine_weight: float = 0.5,
-        motion_support: float = 1.0,
     ) -> None:
         if mem_every < 1:
             raise ValueError(f"mem_every must be >= 1, got {mem_every}")
@@ -82,7 +79,6 @@ class EmbeddedPropagator:
         self.cell, self.prior_count, self.floor_logit = cell, prior_count, floor_logit
         self.guided_radius, self.guided_eps = guided_radius, guided_eps
         self.gamma, self.motion_clip, self.affine_weight = gamma, motion_clip, affine_weight
-        self.motion_support = motion_support
         self._flow = FlowEstimator()
         self.reset()
 
@@ -233,25 +229,15 @@ class EmbeddedPropagator:
                 z_aff = self._prior_logit(rigid, width + np.sqrt(fit[1]))
                 z = (1 - self.affine_weight) * z + self.affine_weight * z_aff
             if field is not None and bg_ll is not None:
-                # Against the object, fully: where a pixel moves like the background and
-                # unlike the object (trails, vacated background). For it only a little, below:
-                # reflections and neighbours move along with an object.
+                # One-sided: motion only speaks against an object where a pixel moves like
+                # the background and unlike the object (trails, vacated background); moving
+                # like the object is no evidence for it (reflections, neighbours move along).
                 d = motion_loglik(flow, field, fit[1]) - bg_ll
                 z = z + self.gamma * conf * np.clip(d, -self.motion_clip, 0.0)
-            else:
-                d = None
             box = s["boxes"].get(lab)
             if box is not None:
                 y0, x0, y1, x1 = self._search_window(box, h, w)
                 np.maximum(z[y0:y1, x0:x1], self.floor_logit, out=z[y0:y1, x0:x1])
-                if d is not None and self.motion_support > 0:
-                    # A little support, near the object only, where a pixel moves like the
-                    # object and unlike the background: parts lost where colour cannot tell
-                    # them from the background (a cream dog on dry grass, a car in its
-                    # smoke) come back while the camera follows the object. Kept small
-                    # because a reflection moves along too.
-                    win = (slice(y0, y1), slice(x0, x1))
-                    z[win] += self.gamma * conf[win] * np.clip(d[win], 0.0, self.motion_support)
             logits[k] = z
 
         # Colour: local model of the previous frame, shrunk towards the global memory.
