@@ -150,10 +150,15 @@ class SessionMasks(FrameMasks):
 
     def __init__(self, records: Mapping[int, FrameRecord], n: int, shape: tuple[int, int]) -> None:
         self.records, self.n, self.shape = records, n, shape
+        self._empty: PackedMask | None = None  # packed once, shared by every frame not reached
 
     def packed(self, t: int) -> PackedMask:
         rec = self.records.get(t)
-        return rec.packed if rec is not None else PackedMask.pack(np.zeros(self.shape, np.uint8))
+        if rec is not None:
+            return rec.packed
+        if self._empty is None:
+            self._empty = PackedMask.pack(np.zeros(self.shape, np.uint8))
+        return self._empty
 
 
 class LazyXMemModel:

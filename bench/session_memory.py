@@ -8,8 +8,9 @@ Two sessions step through the same synthetic video (a textured background pannin
 moving on it) in lockstep: one with the cap, one without. Every 10 % of the video it prints, per
 session, the propagator states kept and the bytes they hold (every distinct tensor and array
 counted once: XMem's states share the tensors they have in common), and the bytes of the
-per-frame output masks as the session keeps them (packed) and as they would be raw. At the end one correction in the middle of the video is applied to both
-and the frames each replays are timed.
+per-frame output masks as the session keeps them (packed) and as they would be raw. At the end
+one correction in the middle of the video is applied to both and the frames each replays are
+timed.
 
 XMem runs with random official-layout weights (no download) at ``--height x --width`` without
 resizing. Random weights are uncertain everywhere, so the UDU veto would keep every frame out of

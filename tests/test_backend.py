@@ -518,6 +518,7 @@ def test_session_masks_unpack_one_frame_at_a_time():
     masks = SessionMasks({1: FrameRecord(index=1, packed=PackedMask.pack(m), objects={}, written=True)}, 3, (6, 8))
     assert len(masks) == 3 and (masks[1] == m).all() and (masks[-2] == m).all()
     assert not masks[0].any() and masks[2].shape == (6, 8)  # not reached yet: empty
+    assert masks.packed(0) is masks.packed(2)  # packed once for all frames not reached
     assert [x.sum() for x in masks] == [0, m.sum(), 0] and len(masks[1:]) == 2
     with pytest.raises(IndexError, match="outside the video"):
         masks[3]
