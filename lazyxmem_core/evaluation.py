@@ -118,7 +118,7 @@ def run_sequence(
     refiner = build_refiner(settings) if (cfg.pseudo or mode != "none") else None
     user = simulated_user(seq.gt, robot, correction) if mode != "none" else None
     session = LazySession(propagator, seq.frames, given, refiner=refiner, config=cfg,
-                          user=user, forced_user=forced_user)
+                          user=user, forced_user=forced_user, video_key=f"eval:{seq.name}")
     t0 = time.perf_counter()
     records = session.run(progress=progress)
     seconds = time.perf_counter() - t0

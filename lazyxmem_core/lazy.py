@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .protocols import Propagator, Refiner
-from .refine_common import prior_inside
+from .session_view import SessionView, correction_mask
 from .types import Click, Correction, Decision, FrameRecord, ObjectRecord, PackedMask
 from .uncertainty import argmax_channels, object_uncertainty
 
@@ -96,6 +96,12 @@ class LazySession:
     given: index masks per frame index (the annotation); the first frame with objects starts.
     forced_user: optional schedule {frame: labels} of user requests that replaces the trigger
     (Rand-Lazy, every-k baselines). probs_hook(t, probs) sees the propagator's raw output.
+    video_key: names the video in every refiner call (``FrameRef(video_key, t)``), so a refiner
+    shared by several sessions never serves one video's cached work to another; None: the
+    refiner keys frames by their pixels.
+
+    A session is not thread-safe: one writer at a time (the backend's task store holds a lock per
+    task). Readers take :meth:`view`, an immutable copy.
     """
 
     def __init__(
@@ -108,6 +114,7 @@ class LazySession:
         user: UserCallback | None = None,
         forced_user: Mapping[int, Sequence[int]] | None = None,
         probs_hook: Callable[[int, np.ndarray], None] | None = None,
+        video_key: str | None = None,
     ) -> None:
         if not given:
             raise ValueError("no initial mask: give an index mask for at least one frame")
@@ -117,6 +124,7 @@ class LazySession:
         self.config = config or LazyConfig()
         self.user = user
         self.probs_hook = probs_hook
+        self.video_key = video_key
         self.forced_user = {int(t): tuple(v) for t, v in (forced_user or {}).items()}
         self._replay = _Replay(given={int(t): m for t, m in given.items()})
         self.start = min(self._replay.given)
@@ -126,8 +134,9 @@ class LazySession:
         self._prev_area: dict[int, int] = {}
         self._last_user: dict[int, int] = {}
         self._n_user = 0
-        self._reference: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # label -> (frame, mask) a human gave
-        self._anchor: dict[int, int] = {}  # label -> last frame where a human gave or corrected its mask
+        # label -> {frame: mask} where a human gave or corrected the object's mask (in frame order):
+        # a correction on frame t refines with the latest one before t as its reference.
+        self._anchors: dict[int, dict[int, PackedMask]] = {}
         self._high_run: dict[int, int] = {}  # label -> frames in a row with S above tau_s
         self._level_asks: dict[int, int] = {}  # label -> requests made by the sustained trigger
         self._next = self.start
@@ -194,6 +203,9 @@ class LazySession:
             self._restore_controller(controller)
         for t in [t for t in self.records if t >= resume]:
             del self.records[t]
+        for frames in self._anchors.values():
+            for t in [t for t in frames if t >= resume]:
+                del frames[t]
         for s in [s for s in self._snapshots if s > resume]:
             del self._snapshots[s]
         self._next = resume
@@ -223,7 +235,6 @@ class LazySession:
             output = np.asarray([0, *labels], dtype=output.dtype)[output]
         given_labels = set() if given is None else {int(v) for v in np.unique(given) if v != 0}
         for label in given_labels:
-            self._reference[label] = (frame, given == label)
             _replace_object(output, label, given == label)  # the annotation is the output, exactly
 
         objects: dict[int, ObjectRecord] = {}
@@ -252,7 +263,8 @@ class LazySession:
                     rec.decision = Decision.NONE
                     continue
                 rec.clicks = [Click(float(click[0]), float(click[1]), True)]
-                refined = self._refine(t, frame, rec.clicks, None, output == label, label)
+                rec.forward = PackedMask.pack(output == label)
+                refined = self._correction_mask(t, label, Correction(clicks=tuple(rec.clicks)), output == label)
                 _replace_object(output, label, refined)
                 pseudo_done = True
             elif rec.decision is Decision.USER:
@@ -262,11 +274,9 @@ class LazySession:
                 rec.answered = True
                 rec.clicks = list(corr.clicks)
                 rec.box = corr.box
-                refined = corr.mask if corr.mask is not None else self._refine(t, frame, corr.clicks, corr.box, output == label, label)
-                if refined.shape != output.shape:
-                    raise ValueError(f"correction mask for object {label} on frame {t} is {refined.shape[::-1]}, the frame is {output.shape[::-1]}")
-                _replace_object(output, label, refined.astype(bool))
-                self._reference[label] = (frame, output == label)
+                rec.forward = PackedMask.pack(output == label)
+                refined = self._correction_mask(t, label, corr, output == label)
+                _replace_object(output, label, refined)
                 user_corrected.append(label)
                 user_written = user_written or cfg.idu
 
@@ -304,8 +314,10 @@ class LazySession:
             t4 = time.perf_counter()
             self._revise_backward(t, user_corrected)
             self.records[t].seconds += time.perf_counter() - t4
-        for label in given_labels.union(user_corrected):
-            self._anchor[label] = t
+        if given_labels or user_corrected:
+            final = self.records[t].mask
+            for label in given_labels.union(user_corrected):
+                self._anchors.setdefault(label, {})[t] = PackedMask.pack(final == label)
         self._keep_snapshot(t, pending)
 
     def _revise_backward(self, t: int, labels: list[int]) -> None:
@@ -320,7 +332,7 @@ class LazySession:
         output = self.records[t].mask
         if not output.any():
             return
-        lo = {c: max(self._anchor.get(c, self.start) + 1, t - self.config.backward_max) for c in labels}
+        lo = {c: max(self._last_anchor(c, t, self.start) + 1, t - self.config.backward_max) for c in labels}
         first = min(lo.values())
         if first >= t:
             return
@@ -347,6 +359,8 @@ class LazySession:
                         continue  # the backward pass lost the object: nothing to offer here
                     S_b = object_uncertainty(probs, b).S
                     if S_b * (1.0 - w) < rec.objects[c].S * w:
+                        if rec.objects[c].forward is None:
+                            rec.objects[c].forward = PackedMask.pack(mask == c)
                         _replace_object(mask, c, b)
                         rec.objects[c].revised = changed = True
                 if changed:
@@ -402,21 +416,42 @@ class LazySession:
             self._replay.corrections[(t, label)] = corr
         return corr
 
-    def _refine(self, t: int, frame: np.ndarray, clicks: Sequence[Click], box: Any, prior: np.ndarray,
-                label: int) -> np.ndarray:
-        if self.refiner is None:
-            raise ValueError("click and box corrections need a refiner; give a mask instead, or configure a refiner")
-        if box is not None:
-            prior = prior_inside(prior, box)
-        mask = self.refiner.refine(frame, clicks=clicks, box=box, prior=prior, frame_id=t,
-                                   reference=self._reference.get(label))
-        return np.asarray(mask, dtype=bool)
+    def _correction_mask(self, t: int, label: int, corr: Correction, prior: np.ndarray) -> np.ndarray:
+        return correction_mask(self.refiner, self.frames, t, corr, prior, self._reference_at(label, t),
+                               self.video_key)
+
+    def _reference_at(self, label: int, t: int) -> tuple[int, np.ndarray] | None:
+        s = self._last_anchor(label, t, None)
+        return None if s is None else (s, self._anchors[label][s].unpack())
+
+    def _last_anchor(self, label: int, t: int, default: Any) -> Any:
+        return max((s for s in self._anchors.get(label, {}) if s < t), default=default)
+
+    # -- what readers see ------------------------------------------------------------------------
+    def view(self) -> SessionView:
+        """An immutable copy of the results so far (cheap: it shares the packed masks)."""
+        h, w = self.frames[0].shape[:2]
+        records = self.ordered_records()
+        S = [min(1.0, o.S) for r in records for o in r.objects.values() if o.area > 0]
+        labels = sorted({v for r in records for v in r.objects} | set(self._anchors))
+        return SessionView(
+            video_key=self.video_key, n_frames=len(self.frames), shape=(h, w), labels=tuple(labels),
+            masks=tuple(self.records[t].packed if t in self.records else None for t in range(len(self.frames))),
+            forward={(r.index, v): o.forward for r in records for v, o in r.objects.items() if o.forward is not None},
+            anchors={v: tuple(sorted(a.items())) for v, a in self._anchors.items()},
+            review=tuple(self.review_frames),
+            pseudo=tuple(r.index for r in records if r.decision is Decision.PSEUDO),
+            score=round(1.0 - float(np.mean(S)), 4) if S else 0.0)
+
+    def preview(self, t: int, label: int, corr: Correction) -> np.ndarray:
+        """The mask ``corr`` gives object ``label`` on frame ``t`` now, without re-propagating:
+        the same mask :meth:`correct` puts there (one function makes both)."""
+        return self.view().preview(self.frames, self.refiner, t, label, corr)
 
     # -- state kept for deferred corrections -------------------------------------------------
     def _controller_state(self) -> dict[str, Any]:
         return {"prev_S": dict(self._prev_S), "prev_area": dict(self._prev_area),
-                "last_user": dict(self._last_user), "n_user": self._n_user, "reference": dict(self._reference),
-                "anchor": dict(self._anchor), "high_run": dict(self._high_run),
+                "last_user": dict(self._last_user), "n_user": self._n_user, "high_run": dict(self._high_run),
                 "level_asks": dict(self._level_asks)}
 
     def _restore_controller(self, state: dict[str, Any]) -> None:
@@ -424,14 +459,11 @@ class LazySession:
         self._prev_area = dict(state["prev_area"])
         self._last_user = dict(state["last_user"])
         self._n_user = state["n_user"]
-        self._reference = dict(state["reference"])
-        self._anchor = dict(state["anchor"])
         self._high_run = dict(state["high_run"])
         self._level_asks = dict(state["level_asks"])
 
     def _reset_controller(self) -> None:
-        self._restore_controller({"prev_S": {}, "prev_area": {}, "last_user": {}, "n_user": 0, "reference": {},
-                                  "anchor": {}, "high_run": {}, "level_asks": {}})
+        self._restore_controller({"prev_S": {}, "prev_area": {}, "last_user": {}, "n_user": 0, "high_run": {}, "level_asks": {}})
 
     def _periodic(self, t: int) -> bool:
         return t == self.start or (t - self.start) % max(1, self.config.snapshot_every) == 0

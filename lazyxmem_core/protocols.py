@@ -6,12 +6,12 @@ integer (H, W) with 0 = background and object label values elsewhere.
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .types import Box, Click
+from .types import Box, Click, FrameRef
 
 
 @runtime_checkable
@@ -72,15 +72,16 @@ class Refiner(Protocol):
         clicks: Sequence[Click] = (),
         box: Box | None = None,
         prior: np.ndarray | None = None,
-        frame_id: Hashable | None = None,
+        frame_id: FrameRef | None = None,
         reference: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Return a bool (H, W) mask for one object.
 
         clicks: positive / negative points in pixels; box: optional box prompt; prior: optional
-        bool (H, W) mask (the propagated mask), context the refiner may use. frame_id keys the
-        per-frame feature cache so several calls on one frame cost one image encode; None means
-        the refiner derives a key from the frame's content. reference: optional (frame, bool mask)
+        bool (H, W) mask (the propagated mask), context the refiner may use. frame_id (video and index) keys
+        the per-frame feature cache so several calls on one frame cost one image encode; None
+        means the refiner derives a key from the frame's content. Refiners are shared by tasks
+        and threads: ``refine`` must be safe to call from several threads at once. reference: optional (frame, bool mask)
         of the same object on an earlier frame that a human gave or confirmed (its appearance and
         size); refiners may ignore it (SAM does).
         """

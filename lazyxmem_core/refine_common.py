@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from .types import Box, Click
+from .types import Box, Click, FrameRef
 
 T = TypeVar("T")
 
@@ -57,10 +57,15 @@ def check_prompts(
     return clicks, box, prior
 
 
-def frame_key(frame: np.ndarray, frame_id: Hashable | None) -> Hashable:
-    """Cache key of a frame: the caller's id, or a hash of the pixels (about 1 ms at 854x480)."""
+def frame_key(frame: np.ndarray, frame_id: FrameRef | None) -> Hashable:
+    """Cache key of a frame: its :class:`FrameRef` (video and index), or a hash of the pixels
+    (about 1 ms at 854x480) when the caller gives none. A bare index is refused: the same index of
+    another video of the same size would get this one's cached work."""
     if frame_id is not None:
-        return ("id", frame_id, frame.shape)
+        if not isinstance(frame_id, FrameRef):
+            raise TypeError(f"frame_id must be a FrameRef(video, index) or None, got {type(frame_id).__name__} "
+                            f"{frame_id!r}: an id without the video would mix up videos of one size")
+        return ("id", frame_id.video, frame_id.index, frame.shape)
     digest = hashlib.blake2b(np.ascontiguousarray(frame).data, digest_size=16).digest()
     return ("hash", digest, frame.shape)
 

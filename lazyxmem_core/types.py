@@ -32,6 +32,22 @@ class Box:
 
 
 @dataclass(frozen=True)
+class FrameRef:
+    """Which frame of which video: the key of every per-frame cache (a refiner's image embedding).
+
+    ``video`` names the video itself, not the caller's position in it (the backend derives it
+    from the task's id and media): two videos of one size never share an index's cached work.
+    """
+
+    video: str
+    index: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.video, str) or not self.video:
+            raise ValueError(f"FrameRef needs a non-empty video key, got {self.video!r}")
+
+
+@dataclass(frozen=True)
 class Correction:
     """What a (real or simulated) user gives for one object on one frame.
 
@@ -66,6 +82,10 @@ class ObjectRecord:
     box: Box | None = None
     answered: bool = False  # a user request that was answered (on-the-fly or by correct())
     revised: bool = False  # the mask was replaced by a later correction's backward propagation
+    # The object's mask as propagated forward, kept when a correction or a backward revision
+    # replaced it on this frame: the prior any later correction of this frame is refined against
+    # (a re-propagation computes that same forward mask again).
+    forward: PackedMask | None = None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import pytest
 
 from lazyxmem_core.embedded.refiner import GrabCutRefiner
 from lazyxmem_core.protocols import Refiner
-from lazyxmem_core.types import Box, Click
+from lazyxmem_core.types import Box, Click, FrameRef
 
 H, W = 180, 240
 CX, CY, R = 110, 90, 45
@@ -85,8 +85,8 @@ def test_box_only(ref, scene) -> None:
 def test_no_prompt_returns_prior_and_frame_cache(ref, scene) -> None:
     img, gt = scene
     assert np.array_equal(ref.refine(img, prior=gt), gt)
-    ref.refine(img, [Click(CX, CY)], frame_id=7)
-    ref.refine(img, [Click(CX + 3, CY)], frame_id=7)
+    ref.refine(img, [Click(CX, CY)], frame_id=FrameRef("v", 7))
+    ref.refine(img, [Click(CX + 3, CY)], frame_id=FrameRef("v", 7))
     ref.refine(img.copy(), [Click(CX, CY + 3)])  # content key: one more conversion
     ref.refine(img.copy(), [Click(CX, CY + 4)])
     assert ref._cache.misses == 2

@@ -9,6 +9,7 @@ import pytest
 from scipy.optimize import brentq
 
 from lazyxmem_core import Click, Correction, Decision, LazyConfig, LazySession
+from lazyxmem_core.types import FrameRef
 
 H, W = 40, 50
 SQUARE = (slice(10, 30), slice(15, 35))  # 20 x 20 object
@@ -117,10 +118,10 @@ def test_decisions_follow_the_thresholds_strictly():
 
 def test_pseudo_click_goes_to_the_refiner_and_replaces_the_mask_without_a_memory_write():
     prop, ref = ScriptedPropagator(SCRIPT), RecordingRefiner()
-    s = LazySession(prop, FRAMES, {0: first_mask()}, refiner=ref)
+    s = LazySession(prop, FRAMES, {0: first_mask()}, refiner=ref, video_key="clip-a")
     recs = s.run()
     frame_id, clicks, _ = ref.calls[0]
-    assert frame_id == 3 and len(clicks) == 1 and clicks[0].positive
+    assert frame_id == FrameRef("clip-a", 3) and len(clicks) == 1 and clicks[0].positive
     assert 15 <= clicks[0].x < 35 and 10 <= clicks[0].y < 30
     assert recs[3].mask[11, 16] == 0 and recs[3].mask[15, 20] == 1  # the refined (smaller) square
     commit = {t: w for t, w, _ in prop.commits}

@@ -20,7 +20,7 @@ from segment_anything.modeling import (  # noqa: E402
 from lazyxmem_core.errors import CheckpointError  # noqa: E402
 from lazyxmem_core.protocols import Refiner  # noqa: E402
 from lazyxmem_core.sam import SamRefiner, build_sam, detect_model_type  # noqa: E402
-from lazyxmem_core.types import Box, Click  # noqa: E402
+from lazyxmem_core.types import Box, Click, FrameRef  # noqa: E402
 
 IMG = 128  # model input size; the embedding grid is IMG / 16
 DIM = 32
@@ -76,8 +76,8 @@ def test_one_encode_per_frame(refiner: SamRefiner, frames: list[np.ndarray]) -> 
     refiner.refine(f, [Click(50, 30), Click(5, 5, positive=False)])
     refiner.refine(f.copy(), box=Box(5, 5, 40, 40))  # same content, no id: hash key hits
     assert calls[0] == 1
-    refiner.refine(frames[1], [Click(10, 20)], frame_id=1)
-    refiner.refine(frames[1], [Click(12, 20)], frame_id=1)
+    refiner.refine(frames[1], [Click(10, 20)], frame_id=FrameRef("v", 1))
+    refiner.refine(frames[1], [Click(12, 20)], frame_id=FrameRef("v", 1))
     assert calls[0] == 2 and refiner.encodes == 2
     # Switching back to a cached frame restores its embedding, not the last one's.
     a = refiner.refine(f, [Click(10, 20)])
@@ -89,7 +89,7 @@ def test_one_encode_per_frame(refiner: SamRefiner, frames: list[np.ndarray]) -> 
 def test_lru_evicts(frames: list[np.ndarray]) -> None:
     ref = SamRefiner.from_model(tiny_sam(), cache_size=2)
     for i in (0, 1, 2, 0):
-        ref.refine(frames[i], [Click(3, 3)], frame_id=i)
+        ref.refine(frames[i], [Click(3, 3)], frame_id=FrameRef("v", i))
     assert ref.encodes == 4  # frame 0 was evicted by frame 2
 
 

@@ -16,14 +16,14 @@ components backed by a positive click or by the prior are kept, and small holes 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
 from scipy import ndimage
 
 from ..refine_common import FrameCache, check_prompts, frame_key
-from ..types import Box, Click
+from ..types import Box, Click, FrameRef
 from .reference_cut import ReferenceModel, build_reference, colour_score, lab_bins, reference_cut, reference_key
 
 
@@ -63,7 +63,7 @@ class GrabCutRefiner:
         self._bins: FrameCache[np.ndarray] = FrameCache(cache_size)
         self._refs: FrameCache[ReferenceModel | None] = FrameCache(cache_size)
 
-    def _lab(self, frame: np.ndarray, frame_id: Hashable | None) -> np.ndarray:
+    def _lab(self, frame: np.ndarray, frame_id: FrameRef | None) -> np.ndarray:
         return self._cache.get(frame_key(frame, frame_id),
                                lambda: cv2.cvtColor(frame, cv2.COLOR_RGB2Lab))
 
@@ -73,7 +73,7 @@ class GrabCutRefiner:
         clicks: Sequence[Click] = (),
         box: Box | None = None,
         prior: np.ndarray | None = None,
-        frame_id: Hashable | None = None,
+        frame_id: FrameRef | None = None,
         reference: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Bool (H, W) mask of the object the prompts point at; see the module docstring."""

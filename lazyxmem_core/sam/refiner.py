@@ -14,7 +14,8 @@ objects or several correction rounds on one frame cost one encoder pass.
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..refine_common import FrameCache, check_prompts, frame_key
-from ..types import Box, Click
+from ..types import Box, Click, FrameRef
 
 PRIOR_PROMPTS = ("none", "box", "mask")
 # Image-encoder width of each official SAM variant: the width of image_encoder.pos_embed.
@@ -169,13 +170,18 @@ class SamRefiner:
         self.prior_prompt = prior_prompt
         self.predictor = SamPredictor(model)
         self._cache: FrameCache[_Embedding] = FrameCache(cache_size)
+        # One SamPredictor holds one image at a time: setting a frame and predicting on it is one
+        # critical section, or another thread's frame slips in between (web threads and a job
+        # thread share this refiner). The encoder itself runs inside it too: one model, one pass
+        # at a time.
+        self._lock = threading.Lock()
 
     @property
     def encodes(self) -> int:
         """How many image encoder passes were run so far (cache misses)."""
         return self._cache.misses
 
-    def _set_frame(self, frame: np.ndarray, frame_id: Hashable | None) -> None:
+    def _set_frame(self, frame: np.ndarray, frame_id: FrameRef | None) -> None:
         """Put the frame's embedding into the predictor, computing it only on a cache miss."""
         p = self.predictor
 
@@ -206,7 +212,7 @@ class SamRefiner:
         clicks: Sequence[Click] = (),
         box: Box | None = None,
         prior: np.ndarray | None = None,
-        frame_id: Hashable | None = None,
+        frame_id: FrameRef | None = None,
         reference: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Bool (H, W) mask from SAM; see the module docstring for how prompts are combined."""
@@ -238,7 +244,7 @@ class SamRefiner:
         # SAM's advice: three candidate masks for one ambiguous click, one mask otherwise.
         single_click = len(clicks) == 1 and box is None and use_prior != "mask"
 
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             self._set_frame(frame, frame_id)
             mask_input = self._mask_input(prior) if use_prior == "mask" else None
             masks, scores, _ = self.predictor.predict(
