@@ -1,14 +1,13 @@
 """The Flask app speaking Label Studio 1.23.2's ML backend protocol.
 
-This module only handles HTTP: auth, JSON parsing, error replies. Task translation lives in the
-model class; the Lazy logic lives in ``lazyxmem_core``.
+This module only handles HTTP: auth, JSON parsing, error replies. What a request does is the
+service's (``backend.service``); the Lazy logic lives in ``lazyxmem_core``.
 """
 from __future__ import annotations
 
 import base64
 import hmac
 import logging
-import os
 import time
 from typing import Any
 
@@ -21,7 +20,8 @@ from lazyxmem_core.errors import LazyXMemError
 
 from . import export
 from .labelconfig import ConfigError, parse_label_config
-from .model import BackendSettings, LazyXMemModel
+from .service import Service
+from .settings import BackendSettings
 
 
 log = logging.getLogger("lazyxmem.backend")
@@ -55,12 +55,12 @@ def _check_auth(user: str, password: str) -> bool:
 
 def create_app(settings: BackendSettings | None = None) -> Flask:
     app = Flask(__name__)
-    model = LazyXMemModel(settings or BackendSettings.from_env())
+    model = Service(settings or BackendSettings.from_env())
     app.config["model"] = model
     settings = model.settings.engine
     log.info("lazyxmem %s: engine %s, refiner %s%s", __version__, propagator_name(settings), refiner_name(settings),
              "" if settings.xmem_checkpoint else " (no XMEM_CHECKPOINT: the embedded no-weights engine)")
-    auth_user, auth_pass = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
+    auth_user, auth_pass = model.settings.basic_auth_user, model.settings.basic_auth_pass
     started = time.time()
     counters = {"requests": 0, "errors": 0}
     model_version = model.model_version
@@ -106,7 +106,7 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
 
     @app.get("/versions")
     def versions() -> Any:
-        return jsonify(versions=[model_version], model_dir=os.environ.get("MODEL_DIR", ""))
+        return jsonify(versions=[model_version])
 
     def json_body() -> dict:
         body = request.get_json(silent=True)
@@ -142,9 +142,11 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
         if not config:
             raise _BadRequest("no label config: send 'label_config' or call /setup for this project first")
         t0 = time.perf_counter()
-        results = model.predict(tasks, config, context)
-        log.info("predict %s: %d task(s) in %.2f s", _task_ids(tasks), len(tasks), time.perf_counter() - t0)
-        return jsonify(results=results, model_version=model_version)
+        results, jobs = model.predict(tasks, config, context)
+        log.info("predict %s: %d task(s) in %.2f s%s", _task_ids(tasks), len(tasks), time.perf_counter() - t0,
+                 f", {len(jobs)} queued" if jobs else "")
+        # A queued task's entry is [] (Label Studio stores nothing for it); its job posts later.
+        return jsonify(results=results, model_version=model_version, **({"jobs": jobs} if jobs else {}))
 
     @app.post("/webhook")
     def webhook() -> Any:
@@ -165,15 +167,17 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
 
     @app.get("/tasks/<int:task_id>/masks")
     def masks(task_id: int) -> Any:
-        state = model.held(task_id)
+        state = model.tasks.held(task_id)
         if state is None:
             return jsonify(error=f"task {task_id} has no session here: run a prediction first"), 404
+        model.adopt_stored(state)
+        view = state.view  # one consistent snapshot, whatever a job is rewriting meanwhile
         fmt = request.args.get("format", "coco")
         if fmt == "png":
-            return send_file(export.png_zip(state), mimetype="application/zip", as_attachment=True,
+            return send_file(export.png_zip(view), mimetype="application/zip", as_attachment=True,
                              download_name=f"task-{task_id}-masks.zip")
         if fmt == "coco":
-            return jsonify(export.coco_rle(state))
+            return jsonify(export.coco_rle(view, state.objects))
         return jsonify(error="format must be png or coco"), 400
 
     @app.get("/metrics")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from dataclasses import replace
@@ -22,13 +21,14 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
 
     from lazyxmem_core.errors import LazyXMemError
 
-    from .model import BackendSettings, LazyXMemModel
+    from .service import Service
+    from .settings import BackendSettings
 
     settings = BackendSettings.from_env()
     settings = replace(settings, ls_url=args.url or settings.ls_url, api_key=args.api_key or settings.api_key,
                        redis_url=args.redis_url or settings.redis_url)
-    model = LazyXMemModel(settings)
-    client = model.ls_client()
+    model = Service(settings)
+    client = model.ls.client()
     try:
         project = client.projects.get(id=args.project)
         tasks = [t.model_dump(mode="json") if hasattr(t, "model_dump") else dict(t)
@@ -64,7 +64,9 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from .worker import work
 
-    url = args.redis_url or os.environ.get("REDIS_URL")
+    from .settings import BackendSettings
+
+    url = args.redis_url or BackendSettings.from_env().redis_url
     if not url:
         print("lazyxmem worker: set REDIS_URL (or --redis-url) to the Redis that the backend queues on", file=sys.stderr)
         return 2

@@ -30,6 +30,12 @@ def object_key(region_id: str) -> str:
     return f"lazyxmem-{m.group(1)}" if m else region_id
 
 
+def own_object(region_id: str) -> int | None:
+    """The object value of a region this backend predicted (``lazyxmem-<object>[-<frame>]``)."""
+    m = _OWN_ID.match(region_id)
+    return int(m.group(1)) if m else None
+
+
 def first_per_object(prompts: list[ObjectPrompt]) -> list[ObjectPrompt]:
     """Keep each object's earliest prompt (an annotation made from a prediction holds every frame)."""
     best: dict[str, ObjectPrompt] = {}
@@ -275,4 +281,27 @@ def image_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequen
                         "image_rotation": 0,
                         "value": {"x": box[0], "y": box[1], "width": box[2], "height": box[3], "rotation": 0,
                                   "rectanglelabels": [REVIEW_LABEL]}})
+    return out
+
+
+def interactive_results(cfg: LabelConfig, answers: dict[tuple[int, int], np.ndarray],
+                        objects: Sequence[tuple[int, str]], n_frames: int, fps: float) -> list[dict]:
+    """The regions an interactive call answers with: each corrected object's mask on its frame
+    (image sequences: a brush on that item; video: a one-keyframe box)."""
+    names = dict(objects)
+    out: list[dict] = []
+    for (t, value), mask in answers.items():
+        single = np.where(mask, value, 0).astype(np.uint8)
+        if cfg.mode == "images":
+            for r in image_results(cfg, [single], [(value, names[value])], (), ()):
+                r["item_index"], r["id"] = t, f"lazyxmem-{value}-{t}"
+                out.append(r)
+            continue
+        box = mask_box(mask)
+        if box is not None:
+            kf = keyframe(t, box, True)
+            kf["time"] = round(t / fps, 4)
+            out.append({"id": f"lazyxmem-{value}", "from_name": cfg.output.name, "to_name": cfg.object_tag,
+                        "type": "videorectangle",
+                        "value": {"framesCount": n_frames, "labels": [names[value]], "sequence": [kf]}})
     return out

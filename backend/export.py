@@ -3,22 +3,20 @@ from __future__ import annotations
 
 import io
 import zipfile
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
 from lazyxmem_core.media import davis_palette
-
-if TYPE_CHECKING:
-    from .model import TaskState
+from lazyxmem_core.session_view import SessionView
 
 
-def png_zip(state: TaskState) -> io.BytesIO:
+def png_zip(view: SessionView) -> io.BytesIO:
     buf = io.BytesIO()
     palette = davis_palette().ravel().tolist()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for t, mask in enumerate(state.masks()):
+        for t, mask in enumerate(view.frame_masks()):
             img = Image.fromarray(mask.astype(np.uint8), mode="P")
             img.putpalette(palette)
             png = io.BytesIO()
@@ -39,11 +37,11 @@ def rle_encode(mask: np.ndarray) -> dict:
     return {"size": list(mask.shape), "counts": counts}
 
 
-def coco_rle(state: TaskState) -> dict:
-    h, w = state.frames[0].shape[:2]
+def coco_rle(view: SessionView, objects: Sequence[tuple[int, str]]) -> dict:
+    h, w = view.shape
     annotations = []
-    for t, mask in enumerate(state.masks()):
-        for value, text in state.objects:
+    for t, mask in enumerate(view.frame_masks()):
+        for value, text in objects:
             obj = mask == value
             if obj.any():
                 ys, xs = np.nonzero(obj)
@@ -51,6 +49,6 @@ def coco_rle(state: TaskState) -> dict:
                                     "segmentation": rle_encode(obj), "area": int(obj.sum()),
                                     "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
                                              int(ys.max() - ys.min() + 1)], "iscrowd": 0})
-    return {"images": [{"id": t + 1, "frame": t + 1, "width": w, "height": h} for t in range(len(state.frames))],
-            "categories": [{"id": v, "name": text} for v, text in state.objects],
+    return {"images": [{"id": t + 1, "frame": t + 1, "width": w, "height": h} for t in range(view.n_frames)],
+            "categories": [{"id": v, "name": text} for v, text in objects],
             "annotations": annotations}

@@ -8,7 +8,6 @@ lapses after ``heartbeat + grace`` seconds and a surviving worker's maintenance 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 from typing import Any
@@ -19,7 +18,8 @@ from rq.worker import WorkerStatus
 
 from lazyxmem_core.errors import LazyXMemError
 
-from .jobs import QUEUE_NAME, JobSpec, ProgressMeter
+from .jobs import QUEUE_NAMES, JobSpec, ProgressMeter
+from .settings import log_level
 
 log = logging.getLogger("lazyxmem.worker")
 
@@ -32,9 +32,9 @@ def model() -> Any:
     global _model
     with _model_lock:
         if _model is None:
-            from .model import LazyXMemModel
+            from .service import Service
 
-            _model = LazyXMemModel()
+            _model = Service()
         return _model
 
 
@@ -107,9 +107,11 @@ def work(redis_url: str, name: str | None = None, burst: bool = False, heartbeat
         m.refiner()  # load the weights now, not inside the first job
         log.info("worker %s: model %s ready on %s", name or socket.gethostname(), m.model_version,
                  m.settings.engine.device)
-    worker = LazyXMemWorker([Queue(QUEUE_NAME, connection=connection)], connection=connection, name=name,
+    # Queues in priority order: a worker takes the interactive lane's jobs first.
+    queues = [Queue(QUEUE_NAMES[lane], connection=connection) for lane in ("interactive", "batch")]
+    worker = LazyXMemWorker(queues, connection=connection, name=name,
                             job_monitoring_interval=heartbeat_s, maintenance_interval=maintenance_s,
                             # the idle loop wakes every worker_ttl - 15 s; maintenance runs there
                             worker_ttl=max(maintenance_s, 1) + 15)
     worker.grace_s = grace_s
-    worker.work(burst=burst, with_scheduler=False, logging_level=os.environ.get("LOG_LEVEL") or "INFO")
+    worker.work(burst=burst, with_scheduler=False, logging_level=log_level())

@@ -1,9 +1,9 @@
 """WSGI entry for gunicorn: ``gunicorn backend.wsgi:app``."""
 import logging
-import os
 
 from backend.app import create_app
+from backend.settings import log_level
 
-logging.basicConfig(level=(os.environ.get("LOG_LEVEL") or "INFO").upper(),
+logging.basicConfig(level=log_level().upper(),
                     format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 app = create_app()

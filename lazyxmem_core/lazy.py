@@ -430,7 +430,7 @@ class LazySession:
     # -- what readers see ------------------------------------------------------------------------
     def view(self) -> SessionView:
         """An immutable copy of the results so far (cheap: it shares the packed masks)."""
-        h, w = self.frames[0].shape[:2]
+        h, w = self._replay.given[self.start].shape[:2]
         records = self.ordered_records()
         S = [min(1.0, o.S) for r in records for o in r.objects.values() if o.area > 0]
         labels = sorted({v for r in records for v in r.objects} | set(self._anchors))

@@ -195,6 +195,49 @@ def video_frame_count(path: str | os.PathLike) -> int | None:
     return n if n > 0 else None
 
 
+def read_video_frames(path: str | os.PathLike, indices: Sequence[int]) -> dict[int, np.ndarray]:
+    """A few frames of a video (RGB), decoded in order up to the last one asked for, without
+    storing the rest: what an answer about one frame needs from a video not decoded yet."""
+    wanted = {int(t) for t in indices}
+    cap = cv2.VideoCapture(str(path))
+    out: dict[int, np.ndarray] = {}
+    try:
+        if not cap.isOpened():
+            raise MediaError(f"cannot decode video {path}: OpenCV could not open it (unsupported or damaged file)")
+        t, last = 0, max(wanted, default=-1)
+        while t <= last:
+            if t in wanted:
+                ok, bgr = cap.read()
+                if not ok:
+                    break
+                out[t] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            elif not cap.grab():  # skips decoding into an image: about twice as fast
+                break
+            t += 1
+    finally:
+        cap.release()
+    missing = sorted(wanted - set(out))
+    if missing:
+        raise MediaError(f"video {path} has no frame {missing[0] + 1}: it ends before")
+    return out
+
+
+class SparseFrames(FrameSequence):
+    """A video of ``n`` frames of which only some are at hand (the others raise)."""
+
+    def __init__(self, n: int, frames: dict[int, np.ndarray]) -> None:
+        self.n, self.frames = n, frames
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index) + (self.n if index < 0 else 0)
+        if index not in self.frames:
+            raise IndexError(f"frame {index} was not read")
+        return self.frames[index]
+
+
 class ArrayFrames(FrameSequence):
     """Frames already in memory (tests, the web backend)."""
 

@@ -18,7 +18,7 @@ from label_studio_sdk.converter.brush import mask2rle
 
 from backend.app import create_app
 from backend.convert import decode_brush, frame_ranges, keyframes
-from backend.model import BackendSettings
+from backend.settings import BackendSettings
 from lazyxmem_core.engines import EngineSettings
 from fake_ls import TOKEN, FakeLabelStudio
 from synthetic import make_video
@@ -63,9 +63,8 @@ def fake_ls():
 @pytest.fixture
 def client(fake_ls, tmp_path, monkeypatch):
     url, _ = fake_ls
-    monkeypatch.setenv("BASIC_AUTH_USER", "ann")
-    monkeypatch.setenv("BASIC_AUTH_PASS", "pw")
     settings = BackendSettings(ls_url=url, api_key=TOKEN, cache_dir=str(tmp_path / "cache"),
+                               basic_auth_user="ann", basic_auth_pass="pw",
                                engine=EngineSettings(engine="embedded", refiner="embedded"),
                                lazy=None)
     FakeLabelStudio.posted.clear()
@@ -120,7 +119,7 @@ def test_video_prediction_tracks_every_frame_with_review_spans_and_score(client,
     assert seq[0]["frame"] == 1 and all(k["rotation"] == 0 for k in seq)
     assert seq[-1]["frame"] == N or seq[-1]["enabled"] is False
     assert 0.0 <= pred["score"] <= 1.0 and pred["model_version"].startswith("lazyxmem-")
-    state = client.model.held(1)
+    state = client.model.tasks.held(1)
     boxes = [mk for mk in state.masks()]
     assert all((m == 1).any() for m in boxes)
     spans = [x for x in pred["result"] if x["type"] == "timelinelabels"]
@@ -149,7 +148,7 @@ def test_interactive_click_answers_now_and_posts_a_revised_prediction(client, fa
     _, video = fake_ls
     task = images_task(video)
     assert predict(client, [task], IMAGES_CFG).status_code == 200
-    before = [m.copy() for m in client.model.held(2).masks()]
+    before = [m.copy() for m in client.model.tasks.held(2).masks()]
     ys, xs = np.nonzero(video.clean.masks[6] == 1)
     click = {"from_name": "clicks", "to_name": "frames", "type": "keypointlabels", "item_index": 6,
              "is_positive": True, "original_width": W, "original_height": H,
@@ -165,7 +164,7 @@ def test_interactive_click_answers_now_and_posts_a_revised_prediction(client, fa
     assert all(j["status"] == "finished" for j in jobs), jobs
     posted = [p["json"] for p in FakeLabelStudio.posted if p["path"].startswith("/api/predictions")]
     assert posted and posted[-1]["task"] == 2 and posted[-1]["model_version"].endswith("-r1")
-    held = client.model.held(2)
+    held = client.model.tasks.held(2)
     assert held.session.records[6].objects[1].answered
     # Earlier frames change only where the correction's backward pass revised them.
     assert (held.masks()[0] == before[0]).all()
@@ -177,7 +176,7 @@ def test_annotation_update_reprapagates_from_the_changed_frame_and_never_touches
     _, video = fake_ls
     task = images_task(video)
     assert predict(client, [task], IMAGES_CFG).status_code == 200
-    before = [m.copy() for m in client.model.held(2).masks()]
+    before = [m.copy() for m in client.model.tasks.held(2).masks()]
     fixed = np.zeros((H, W), bool)
     fixed[5:25, 5:30] = True  # the annotator repaints the object on item 8
     edited = {"id": "lazyxmem-1-8", "from_name": "mask", "to_name": "frames", "type": "brushlabels", "item_index": 8,
@@ -188,10 +187,10 @@ def test_annotation_update_reprapagates_from_the_changed_frame_and_never_touches
     r = client.post("/webhook", headers=AUTH, json=payload)
     assert r.status_code == 200 and r.json["frames"] == [9], r.json
     wait_jobs(client)
-    after = client.model.held(2).masks()
+    after = client.model.tasks.held(2).masks()
     assert (after[8].astype(bool) == fixed).all()
     assert any((a != b).any() for a, b in zip(before[9:], after[9:]))  # later frames changed
-    records = client.model.held(2).session.records
+    records = client.model.tasks.held(2).session.records
     assert (after[0] == before[0]).all()
     assert all((a == b).all() or records[t].objects[1].revised for t, (a, b) in enumerate(zip(before[:8], after[:8])))
     posts = [p for p in FakeLabelStudio.posted if p["path"].startswith("/api/predictions")]
@@ -201,28 +200,29 @@ def test_annotation_update_reprapagates_from_the_changed_frame_and_never_touches
 def test_long_video_goes_to_the_background_and_its_prediction_is_posted(client, fake_ls, monkeypatch):
     import threading
 
-    import backend.model
+    import backend.fetch
 
     _, video = fake_ls
     client.model.settings = BackendSettings(**{**client.model.settings.__dict__, "sync_budget_s": 0.0})
     decoded_in = []
-    real = backend.model.VideoFrames
+    real = backend.fetch.VideoFrames
 
     def recording(*args, **kwargs):
         decoded_in.append(threading.current_thread())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(backend.model, "VideoFrames", recording)
+    monkeypatch.setattr(backend.fetch, "VideoFrames", recording)
     r = predict(client, [video_task(video, task_id=5)], VIDEO_CFG)
     assert r.status_code == 200
     # Queued on the container's declared frame count: the request itself decoded nothing.
     assert threading.current_thread() not in decoded_in
-    res = r.json["results"][0]
-    assert res["model_version"].endswith("-pending") and res["result"] == []
-    job = client.get(f"/jobs/{res['job']}", headers=AUTH)
-    assert job.status_code == 200 and job.json["total"] == N
+    # [] is the reply Label Studio stores nothing for: the job posts the prediction when done.
+    assert r.json["results"] == [[]]
+    job_id = r.json["jobs"]["5"]
+    job = client.get(f"/jobs/{job_id}", headers=AUTH)
+    assert job.status_code == 200 and job.json["total"] == N and job.json["lane"] == "batch"
     wait_jobs(client)
-    assert client.get(f"/jobs/{res['job']}", headers=AUTH).json["done"] == N
+    assert client.get(f"/jobs/{job_id}", headers=AUTH).json["done"] == N
     posted = [p["json"] for p in FakeLabelStudio.posted if p["path"].startswith("/api/predictions")]
     assert posted[-1]["task"] == 5 and any(x["type"] == "videorectangle" for x in posted[-1]["result"])
     assert decoded_in and threading.current_thread() not in decoded_in  # the job decoded it
@@ -245,7 +245,7 @@ def test_sessions_are_bounded_and_rebuilt_after_eviction(client, fake_ls):
     client.model.settings = BackendSettings(**{**client.model.settings.__dict__, "max_sessions": 1})
     assert predict(client, [video_task(video, task_id=7)], VIDEO_CFG).status_code == 200
     assert predict(client, [video_task(video, task_id=8)], VIDEO_CFG).status_code == 200
-    assert client.model.held(7) is None and client.model.held(8) is not None
+    assert client.model.tasks.held(7) is None and client.model.tasks.held(8) is not None
     kf = {"frame": 6, "x": 10.0, "y": 20.0, "width": 30.0, "height": 40.0, "rotation": 0, "enabled": True}
     region = {"id": "lazyxmem-1", "from_name": "box", "to_name": "video", "type": "videorectangle",
               "value": {"sequence": [kf], "labels": ["Object"]}}
@@ -255,7 +255,7 @@ def test_sessions_are_bounded_and_rebuilt_after_eviction(client, fake_ls):
     assert r.status_code == 200 and r.json["status"] == "rebuilding"  # the video is not propagated in the call
     wait_jobs(client)
     wait_jobs(client)  # the rebuild job schedules the re-propagation job
-    state = client.model.held(7)
+    state = client.model.tasks.held(7)
     assert state.revision == 1 and state.session.records[5].objects[1].answered
 
 
@@ -331,7 +331,7 @@ def test_a_distractor_crossing_puts_needs_review_spans_on_the_timeline(client, f
     r = predict(client, [task], VIDEO_CFG)
     assert r.status_code == 200, r.json
     pred = r.json["results"][0]
-    review = client.model.held(21).session.review_frames
+    review = client.model.tasks.held(21).session.review_frames
     assert review and pred["review_frames"] == [t + 1 for t in review]
     spans = [x for x in pred["result"] if x["type"] == "timelinelabels" and x["value"]["timelinelabels"] == ["Needs review"]]
     assert spans and {t + 1 for t in review} <= {f for rg in spans[0]["value"]["ranges"] for f in range(rg["start"], rg["end"] + 1)}
@@ -341,14 +341,15 @@ def test_tasks_created_queues_the_tasks_with_regions_and_posts_their_predictions
     _, video = fake_ls
     with_regions = video_task(video, task_id=31)
     without = {"id": 32, "data": {"video": "/data/upload/1/v.avi"}, "annotations": []}
-    client.model.settings = BackendSettings(**{**client.model.settings.__dict__, "api_key": None})  # no API lookups
+    asked = []
+    client.model.ls.task = lambda task_id: asked.append(task_id) or without  # Label Studio has no regions either
     payload = {"action": "TASKS_CREATED", "project": {"id": 3, "label_config": VIDEO_CFG}, "tasks": [with_regions, without]}
     r = client.post("/webhook", json=payload)  # LS sends webhooks without credentials
     assert r.status_code == 200 and r.json["status"] == "queued", r.json
-    assert list(r.json["jobs"]) == ["31"] and r.json["skipped"] == [32]
+    assert list(r.json["jobs"]) == ["31"] and r.json["skipped"] == [32] and asked == [32]
     jobs = wait_jobs(client)
     assert [j["status"] for j in jobs] == ["finished"] and jobs[0]["done"] == N
-    assert client.model.held(31) is not None and len(client.model.held(31).session.records) == N
+    assert client.model.tasks.held(31) is not None and len(client.model.tasks.held(31).session.records) == N
     # The same import announced twice is the same job: nothing runs or posts again.
     again = client.post("/webhook", json=payload).json
     assert again["jobs"] == r.json["jobs"] and len(wait_jobs(client)) == 1
@@ -380,7 +381,7 @@ class _OomOnCuda:
 
 
 def test_cuda_out_of_memory_gives_a_clear_error_and_the_server_keeps_serving(client, fake_ls, monkeypatch, caplog):
-    import backend.model as model_module
+    import backend.service as model_module
 
     _, video = fake_ls
     model = client.model
@@ -389,7 +390,7 @@ def test_cuda_out_of_memory_gives_a_clear_error_and_the_server_keeps_serving(cli
     monkeypatch.setattr(model_module, "build_propagator", _OomOnCuda(model, model_module.build_propagator))
     r = predict(client, [video_task(video, task_id=41)], VIDEO_CFG)
     assert r.status_code == 422 and "ran out of memory" in r.json["error"] and "CPU_FALLBACK" in r.json["error"]
-    assert "task 41" in r.json["error"] and model.held(41) is None  # no half-propagated session is kept
+    assert "task 41" in r.json["error"] and model.tasks.held(41) is None  # no half-propagated session is kept
     assert any("task 41" in rec.getMessage() and "out of memory" in rec.getMessage() for rec in caplog.records)
     assert client.get("/health").status_code == 200
 
@@ -400,14 +401,14 @@ def test_cuda_out_of_memory_gives_a_clear_error_and_the_server_keeps_serving(cli
 
 
 def test_a_background_job_out_of_memory_fails_with_the_reason(client, fake_ls, monkeypatch):
-    import backend.model as model_module
+    import backend.service as model_module
 
     _, video = fake_ls
     model = client.model
     model.settings = BackendSettings(**{**model.settings.__dict__, "sync_budget_s": 0.0,
                                         "engine": EngineSettings(engine="embedded", refiner="embedded", device="cuda")})
     monkeypatch.setattr(model_module, "build_propagator", _OomOnCuda(model, model_module.build_propagator))
-    job_id = predict(client, [video_task(video, task_id=43)], VIDEO_CFG).json["results"][0]["job"]
+    job_id = predict(client, [video_task(video, task_id=43)], VIDEO_CFG).json["jobs"]["43"]
     wait_jobs(client)
     job = client.get(f"/jobs/{job_id}", headers=AUTH).json
     assert job["status"] == "failed" and "ran out of memory" in job["error"]
@@ -419,18 +420,18 @@ def test_a_correction_job_on_a_rebuilt_session_carries_every_earlier_correction(
     _, video = fake_ls
     assert predict(client, [images_task(video)], IMAGES_CFG).status_code == 200
     model = client.model
-    state = model.held(2)
+    state = model.tasks.held(2)
     first, second = np.zeros((H, W), bool), np.zeros((H, W), bool)
     first[10:30, 10:40] = True
     second[30:60, 50:90] = True
     model.schedule_correction(state, {(4, 1): Correction(mask=first)})
     wait_jobs(client)
-    assert model.held(2) is state and (state.masks()[4] == 1).tolist() == first.tolist()
-    model.drop(2)  # evicted here, or the next job lands on another worker
+    assert model.tasks.held(2) is state and (state.masks()[4] == 1).tolist() == first.tolist()
+    model.tasks.drop(2)  # evicted here, or the next job lands on another worker
     model.schedule_correction(state, {(9, 1): Correction(mask=second)})
     jobs = wait_jobs(client)
     assert all(j["status"] == "finished" for j in jobs), jobs
-    rebuilt = model.held(2)
+    rebuilt = model.tasks.held(2)
     assert rebuilt is not state and rebuilt.revision == 2  # both corrections in one pass, named round 2
     assert (rebuilt.masks()[4] == 1).tolist() == first.tolist() and (rebuilt.masks()[9] == 1).tolist() == second.tolist()
     posted = [p["json"] for p in FakeLabelStudio.posted if p["path"].startswith("/api/predictions")]
@@ -476,7 +477,7 @@ def test_backend_serves_an_image_sequence_with_the_xmem_engine(fake_ls, tmp_path
     first = decode_brush(next(x for x in pred["result"] if x["type"] == "brushlabels" and x["item_index"] == 0)["value"],
                          W, H, "test")
     assert (first == (video.clean.masks[0] == 1)).all()  # the given mask is returned exactly
-    state = client.application.config["model"].held(2)
+    state = client.application.config["model"].tasks.held(2)
     assert state.session.propagator.video_length == 3
 
 
@@ -497,28 +498,31 @@ def test_predicting_again_after_a_correction_keeps_it(client, fake_ls, start):
              "value": {"x": 100 * xs.mean() / W, "y": 100 * ys.mean() / H, "width": 0.5, "keypointlabels": ["Object"]}}
     assert predict(client, [task], IMAGES_CFG, context={"result": [click]}).status_code == 200
     wait_jobs(client)
-    corrected = [m.copy() for m in client.model.held(2).masks()]
+    corrected = [m.copy() for m in client.model.tasks.held(2).masks()]
     r = predict(client, [task], IMAGES_CFG)
     assert r.status_code == 200, r.json
     pred = r.json["results"][0]
     assert pred["model_version"].endswith("-r1"), pred["model_version"]
-    held = client.model.held(2)
+    held = client.model.tasks.held(2)
     assert held.session.records[6].objects[1].answered, "the correction is still in the session"
     assert all((a == b).all() for a, b in zip(corrected, held.masks()))
     brushes = {x["item_index"]: x for x in pred["result"] if x["type"] == "brushlabels"}
     assert (decode_brush(brushes[6]["value"], W, H, "test") == (corrected[6] == 1)).all()
 
 
-def test_session_masks_unpack_one_frame_at_a_time():
-    from backend.model import SessionMasks
-    from lazyxmem_core.types import FrameRecord, PackedMask
+def test_view_masks_unpack_one_frame_at_a_time():
+    from lazyxmem_core.session_view import SessionView
+    from lazyxmem_core.types import PackedMask
 
     m = np.zeros((6, 8), np.uint8)
     m[1:3, 2:5] = 2
-    masks = SessionMasks({1: FrameRecord(index=1, packed=PackedMask.pack(m), objects={}, written=True)}, 3, (6, 8))
+    view = SessionView(None, 3, (6, 8), (2,), (None, PackedMask.pack(m), None), {}, {}, (), (), 0.0)
+    masks = view.frame_masks()
     assert len(masks) == 3 and (masks[1] == m).all() and (masks[-2] == m).all()
     assert not masks[0].any() and masks[2].shape == (6, 8)  # not reached yet: empty
     assert masks.packed(0) is masks.packed(2)  # packed once for all frames not reached
     assert [x.sum() for x in masks] == [0, m.sum(), 0] and len(masks[1:]) == 2
     with pytest.raises(IndexError, match="outside the video"):
         masks[3]
+    again = SessionView.from_bytes(view.to_bytes())
+    assert again.masks[0] is None and (again.frame_masks()[1] == m).all() and again.labels == (2,)

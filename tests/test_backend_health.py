@@ -1,13 +1,13 @@
 import base64
 
 from backend.app import create_app
-from backend.model import BackendSettings
+from backend.settings import BackendSettings
 
 
 def test_health_setup_and_basic_auth(monkeypatch):
     monkeypatch.setenv("BASIC_AUTH_USER", "ann")
     monkeypatch.setenv("BASIC_AUTH_PASS", "secret")
-    client = create_app(BackendSettings()).test_client()
+    client = create_app(BackendSettings.from_env()).test_client()
     r = client.get("/health")
     assert r.status_code == 200 and r.json["status"] == "UP" and r.json["engine"] == "embedded"
     assert client.post("/setup", json={"project": "1.0", "schema": "<View/>"}).status_code == 401

@@ -379,7 +379,7 @@ def test_backward_revision_stops_at_the_previous_correction_and_in_deferred_mode
 def test_backward_revision_is_on_in_the_engine_defaults_and_can_be_switched_off(monkeypatch):
     import argparse
 
-    from backend.model import BackendSettings
+    from backend.settings import BackendSettings
     from lazyxmem_core.cli import _lazy_args, _lazy_config
     from lazyxmem_core.engines import EngineSettings, lazy_config
 
@@ -398,7 +398,7 @@ def test_backward_revision_is_on_in_the_engine_defaults_and_can_be_switched_off(
 def test_sustained_trigger_is_on_for_the_embedded_engine_and_can_be_switched_off(monkeypatch):
     import argparse
 
-    from backend.model import BackendSettings
+    from backend.settings import BackendSettings
     from lazyxmem_core.cli import _lazy_args, _lazy_config
     from lazyxmem_core.engines import EngineSettings, lazy_config
 
@@ -482,7 +482,7 @@ def test_review_frames_keep_their_state_before_periodic_ones():
 
 
 def test_the_backend_reads_max_snapshots(monkeypatch):
-    from backend.model import BackendSettings
+    from backend.settings import BackendSettings
 
     assert BackendSettings.from_env().lazy.max_snapshots == LazyConfig().max_snapshots
     monkeypatch.setenv("MAX_SNAPSHOTS", "8")

@@ -191,7 +191,7 @@ def test_duplicated_jobs_post_once(cluster):
 
 def test_backend_queues_long_videos_on_redis_and_reports_worker_progress(cluster, redis_url, tmp_path):
     from backend.app import create_app
-    from backend.model import BackendSettings
+    from backend.settings import BackendSettings
     from lazyxmem_core.engines import EngineSettings
 
     settings = BackendSettings(ls_url=cluster["ls_url"], api_key=TOKEN, cache_dir=str(tmp_path / "cache"),
@@ -275,7 +275,7 @@ def test_web_process_refines_against_the_workers_latest_masks(cluster, redis_url
     from backend import convert
     from backend.app import create_app
     from backend.jobs import MaskStore
-    from backend.model import BackendSettings
+    from backend.settings import BackendSettings
     from lazyxmem_core.engines import EngineSettings
 
     settings = BackendSettings(ls_url=cluster["ls_url"], api_key=TOKEN, cache_dir=str(tmp_path / "cache"),
@@ -303,7 +303,7 @@ def test_web_process_refines_against_the_workers_latest_masks(cluster, redis_url
     moved = {"frame": 13, "x": 50.0, "y": 45.0, "width": 40.0, "height": 45.0, "rotation": 0, "enabled": True}
     answer = edit([moved])
     assert [k["frame"] for k in answer] == [13]
-    state = model.held(170)
+    state = model.tasks.held(170)
     assert len(state.session.records) == 0, "the web process did not propagate the video itself"
     assert all((a == b).all() for a, b in zip(state.masks(), first[1]))
     wait_until(lambda: store.get(task, model.model_version, newer_than=first[0]), 60, "the corrected masks")

@@ -1,0 +1,170 @@
+"""Edits: what a task, an interactive context or an annotation says, as core corrections.
+
+Pure functions of Label Studio JSON and the task's current masks: they hold no state and call
+no engine. A correction keeps what the user gave (clicks, a box, a painted mask); turning it into
+a mask is the core's job (``lazyxmem_core.session_view.correction_mask``), one way for everyone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+from lazyxmem_core.types import Click, Correction
+
+from . import convert
+from .convert import ObjectPrompt, TaskError
+from .labelconfig import LabelConfig
+
+Corrections = dict[tuple[int, int], Correction]  # (0-based frame, object value) -> correction
+
+
+def initial_regions(task: dict) -> list[dict]:
+    """The regions of the task's latest annotation (or draft): where its objects are defined."""
+    anns = [a for a in (task.get("annotations") or []) if isinstance(a, dict) and not a.get("was_cancelled")]
+    anns += [d for d in task.get("drafts") or [] if isinstance(d, dict)]
+    if not anns:
+        return []
+    latest = max(anns, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
+    return latest.get("result") or []
+
+
+def start_digest(task: dict) -> str:
+    """What a session is built from: the task's media and its initial regions."""
+    what = {"data": task.get("data") or {}, "regions": initial_regions(task)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def initial_prompts(results: list[dict], cfg: LabelConfig, size: tuple[int, int], n_frames: int) -> list[ObjectPrompt]:
+    """Each object's first region: where its track starts. ``size`` is (width, height)."""
+    w, h = size
+    if cfg.mode == "video":
+        return convert.first_per_object(convert.video_prompts(results, cfg, w, h, n_frames))
+    return convert.first_per_object(convert.image_prompts(results, cfg, [(w, h)] * n_frames))
+
+
+def frames_named(cfg: LabelConfig, results: list[dict], first_only: bool = False) -> set[int]:
+    """The 0-based frames that regions are drawn on (``first_only``: each region's first), read
+    without the frames themselves."""
+    out: set[int] = set()
+    for r in results:
+        if not isinstance(r, dict):
+            continue
+        if cfg.mode == "images":
+            if r.get("type") in ("brushlabels", "rectanglelabels", "keypointlabels"):
+                out.add(int(r.get("item_index", 0) or 0))
+            continue
+        if r.get("type") != "videorectangle":
+            continue
+        seq = [int(k.get("frame", 1)) - 1 for k in (r.get("value") or {}).get("sequence") or [] if k.get("enabled", True)]
+        if seq:
+            out.update([min(seq)] if first_only else seq)
+    return out
+
+
+def object_for(objects: Sequence[tuple[int, str]], mask: np.ndarray, label: str | None,
+               point: tuple[float, float] | None) -> int:
+    """The object a click or box refers to: by label text when unambiguous, else by position on
+    the frame's index ``mask``."""
+    candidates = [v for v, text in objects if label is not None and text == label] or [v for v, _ in objects]
+    if len(candidates) == 1 or point is None:
+        return candidates[0]
+    x, y = int(point[0]), int(point[1])
+    if mask[y, x] in candidates:
+        return int(mask[y, x])
+    dists = []
+    for v in candidates:
+        ys, xs = np.nonzero(mask == v)
+        dists.append(np.min((xs - x) ** 2 + (ys - y) ** 2) if len(xs) else np.inf)
+    return candidates[int(np.argmin(dists))]
+
+
+def interactive_corrections(cfg: LabelConfig, objects: Sequence[tuple[int, str]], masks: Sequence[np.ndarray],
+                            results: list[dict]) -> Corrections:
+    """An interactive context (keypoints, a box, a brush on one frame) -> corrections."""
+    if cfg.mode != "images":
+        return video_box_edits(cfg, objects, masks, results)
+    h, w = masks[0].shape
+    out: Corrections = {}
+    clicks: dict[tuple[int, int], list[Click]] = {}
+    for p in convert.image_prompts(results, cfg, [(w, h)] * len(masks)):
+        point = (p.clicks[0].x, p.clicks[0].y) if p.clicks else (
+            ((p.box.x0 + p.box.x1) / 2, (p.box.y0 + p.box.y1) / 2) if p.box else None)
+        value = object_for(objects, masks[p.frame], p.label, point)
+        if p.mask is not None:
+            out[(p.frame, value)] = Correction(mask=p.mask)
+        elif p.box is not None:
+            out[(p.frame, value)] = Correction(box=p.box, clicks=tuple(clicks.get((p.frame, value), ())))
+        else:
+            clicks.setdefault((p.frame, value), []).extend(p.clicks)
+    for key, cl in clicks.items():
+        prev = out.get(key)
+        out[key] = Correction(clicks=tuple(cl), box=prev.box if prev else None)
+    return out
+
+
+def video_box_edits(cfg: LabelConfig, objects: Sequence[tuple[int, str]], masks: Sequence[np.ndarray],
+                    results: list[dict], tolerance: float = 1.0) -> Corrections:
+    """Keyframes whose box differs from the predicted track by more than ``tolerance`` percent."""
+    out: Corrections = {}
+    n = len(masks)
+    for r in results:
+        if r.get("type") != "videorectangle":
+            continue
+        value_d = r.get("value") or {}
+        text = convert.label_of(value_d)
+        seq = [k for k in value_d.get("sequence") or [] if k.get("enabled", True)]
+        rid = str(r.get("id", ""))
+        for k in seq:
+            t = int(k.get("frame", 1)) - 1
+            if not 0 <= t < n:
+                raise TaskError(f"region {rid}: keyframe {t + 1} is outside the video (1..{n})")
+            mask = masks[t]
+            h, w = mask.shape
+            box = convert.pct_box(k, w, h, f"region {rid} frame {t + 1}")
+            own = convert.own_object(rid)
+            value = own if own in {v for v, _ in objects} else object_for(
+                objects, mask, text, ((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2))
+            predicted = convert.mask_box(mask == value)
+            given = (k["x"], k["y"], k["width"], k["height"])
+            if predicted is None or max(abs(float(a) - b) for a, b in zip(given, predicted)) > tolerance:
+                out[(t, value)] = Correction(box=box)
+    return out
+
+
+def image_edits(cfg: LabelConfig, objects: Sequence[tuple[int, str]], masks: Sequence[np.ndarray],
+                results: list[dict], min_iou: float = 0.97) -> Corrections:
+    """Brush masks that differ from the predicted mask of their object on that item."""
+    h, w = masks[0].shape
+    out: Corrections = {}
+    for p in convert.image_prompts(results, cfg, [(w, h)] * len(masks)):
+        if p.mask is None:
+            continue
+        candidates = [v for v, text in objects if text == p.label] or [v for v, _ in objects]
+        predicted = masks[p.frame]
+        ious = []
+        for v in candidates:
+            pred = predicted == v
+            union = (pred | p.mask).sum()
+            ious.append((pred & p.mask).sum() / union if union else 1.0)
+        best = int(np.argmax(ious))
+        if ious[best] < min_iou:
+            out[(p.frame, candidates[best])] = Correction(mask=p.mask)
+    return out
+
+
+def annotation_corrections(cfg: LabelConfig, objects: Sequence[tuple[int, str]], masks: Sequence[np.ndarray],
+                           annotation: dict) -> Corrections:
+    """The frames where a submitted annotation differs from the prediction."""
+    results = annotation.get("result") or []
+    if cfg.mode == "images":
+        return image_edits(cfg, objects, masks, results)
+    return video_box_edits(cfg, objects, masks, results)
+
+
+def same_correction(a: Correction | None, b: Correction) -> bool:
+    if a is None or (a.mask is None) != (b.mask is None) or a.clicks != b.clicks or a.box != b.box:
+        return False
+    return a.mask is None or np.array_equal(np.asarray(a.mask, bool), np.asarray(b.mask, bool))

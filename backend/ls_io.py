@@ -1,0 +1,107 @@
+"""Label Studio I/O: the API client, tasks read back, predictions posted once per job."""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from lazyxmem_core.errors import LazyXMemError
+
+log = logging.getLogger(__name__)
+
+
+class PostLedger:
+    """Remembers which job ids have posted their prediction (in memory, or in Redis when shared)."""
+
+    def __init__(self, redis: Any = None, ttl_s: int = 30 * 86400) -> None:
+        self.redis = redis
+        self.ttl_s = ttl_s
+        self._posted: set[str] = set()
+        self._lock = threading.Lock()
+
+    def post_once(self, key: str, post: Callable[[], Any], already_posted: Callable[[], bool] | None = None) -> bool:
+        """Run ``post`` unless ``key`` has posted already; returns whether it posted.
+
+        With Redis, a lock serialises duplicates running at once. A worker killed between its post
+        and the mark leaves a "posting" flag; the retry then asks ``already_posted`` (Label
+        Studio's own record) rather than posting blindly.
+        """
+        if self.redis is None:
+            with self._lock:
+                if key in self._posted:
+                    return False
+                post()
+                self._posted.add(key)
+                return True
+        with self.redis.lock(f"lazyxmem:post-lock:{key}", timeout=60, blocking_timeout=120):
+            if self.redis.exists(f"lazyxmem:posted:{key}"):
+                return False
+            flag = f"lazyxmem:posting:{key}"
+            if self.redis.exists(flag) and already_posted is not None and already_posted():
+                self.redis.set(f"lazyxmem:posted:{key}", "1", ex=self.ttl_s)
+                return False
+            self.redis.set(flag, "1", ex=self.ttl_s)
+            post()
+            self.redis.set(f"lazyxmem:posted:{key}", "1", ex=self.ttl_s)
+            return True
+
+
+class LabelStudioIO:
+    """Everything the backend asks of Label Studio's API, with the backend's own key."""
+
+    def __init__(self, url: str | None, api_key: str | None, redis: Any = None) -> None:
+        self.url, self.api_key = url, api_key
+        self.ledger = PostLedger(redis)
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.url and self.api_key)
+
+    def client(self) -> Any:
+        """One API client, kept: every posted prediction used to build its own."""
+        if not self.configured:
+            raise LazyXMemError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set to talk to Label Studio")
+        with self._lock:
+            if self._client is None:
+                from label_studio_sdk import LabelStudio
+
+                self._client = LabelStudio(base_url=self.url, api_key=self.api_key)
+            return self._client
+
+    def task(self, task_id: int) -> dict:
+        """A task with its annotations."""
+        task = self.client().tasks.get(id=str(task_id))
+        return task.model_dump(mode="json") if hasattr(task, "model_dump") else dict(task)
+
+    def has_prediction(self, task_id: int, model_version: str) -> bool:
+        return any(p.model_version == model_version for p in self.client().predictions.list(task=task_id))
+
+    def post_prediction(self, task_id: int, pred: dict, job_id: str | None = None, unless_present: bool = False) -> bool:
+        """Post ``pred`` for the task, once per job id.
+
+        ``unless_present``: not when Label Studio holds a prediction of this model version for the
+        task already (on import, LS may call /predict itself while the TASKS_CREATED job runs).
+        """
+        if not self.configured:
+            log.warning("task %s: prediction ready but LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are not set", task_id)
+            return False
+        version = pred["model_version"]
+
+        def post() -> None:
+            self.client().predictions.create(task=task_id, result=pred["result"], score=pred["score"],
+                                             model_version=version)
+            log.info("task %s: posted prediction %s%s", task_id, version, f" (job {job_id})" if job_id else "")
+
+        if job_id is None:
+            post()
+            return True
+        if unless_present and self.has_prediction(task_id, version):
+            log.info("task %s: Label Studio has a %s prediction already; job %s posts nothing", task_id, version, job_id)
+            return False
+        posted = self.ledger.post_once(job_id, post, lambda: self.has_prediction(task_id, version))
+        if not posted:
+            log.info("task %s: job %s posted its prediction already; not posting again", task_id, job_id)
+        return posted

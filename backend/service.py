@@ -1,0 +1,515 @@
+"""The service the Flask routes call (and the jobs, in this process or in a worker).
+
+Every request reads top-down once: Label Studio JSON -> ``edits`` / ``convert`` (core types) ->
+the task store (whose session, which lock) -> the core (``LazySession``, ``SessionView``) ->
+``convert`` -> the response. The concurrency model is written down in ``task_store``; here:
+
+- a web request never propagates a whole video: a batch prediction runs inside the request only
+  when it is short (``SYNC_BUDGET_S``) and no other request is propagating (one sync slot); else
+  it is queued on the batch lane and posted when done. An interactive call answers for its frame
+  from the task's published view, or, for a task not held here, from the frames it needs alone;
+  the re-propagation goes to the interactive lane.
+- interactive answers first: while one is being computed, batch propagation in this process
+  pauses between frames (:class:`PriorityGate`), and correction jobs have a lane of their own.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from lazyxmem_core import __version__
+from lazyxmem_core.engines import build_propagator, build_refiner, propagator_name
+from lazyxmem_core.errors import LazyXMemError
+from lazyxmem_core.lazy import LazySession
+from lazyxmem_core.media import FrameSequence
+from lazyxmem_core.protocols import Refiner
+from lazyxmem_core.session_view import correction_mask
+from lazyxmem_core.types import Correction
+
+from . import convert, edits
+from .convert import ObjectPrompt, TaskError
+from .edits import Corrections, initial_regions, start_digest
+from .fetch import MediaFetcher, TaskMedia
+from .jobs import JobSpec, Progress, make_queue
+from .labelconfig import LabelConfig, parse_label_config
+from .ls_io import LabelStudioIO
+from .settings import BackendSettings
+from .task_store import TaskState, TaskStore, ViewStore, video_key
+
+log = logging.getLogger(__name__)
+MAX_OBJECTS = 255  # index masks are 8-bit
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+
+
+class PriorityGate:
+    """Batch propagation steps aside, between two frames, while an interactive answer is being
+    computed in this process (at most ``max_pause_s`` at a time, so batch work never starves)."""
+
+    def __init__(self, max_pause_s: float = 5.0) -> None:
+        self.max_pause_s = max_pause_s
+        self._active = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def interactive(self) -> Iterator[None]:
+        with self._cond:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def yield_to_interactive(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._active == 0, timeout=self.max_pause_s)
+
+
+class Service:
+    def __init__(self, settings: BackendSettings | None = None) -> None:
+        settings = settings or BackendSettings.from_env()
+        self.tasks = TaskStore(settings.max_sessions)
+        self.jobs = make_queue(self.run_job, settings.redis_url, settings.job_retries, settings.job_timeout_s)
+        self.redis = getattr(self.jobs, "redis", None)
+        self.views = ViewStore(self.redis) if self.redis is not None else None
+        self.settings = settings
+        self._refiner: Refiner | None = None
+        self._refiner_lock = threading.Lock()
+        self._sync_slot = threading.Semaphore(1)
+        self.gate = PriorityGate()
+        self.label_configs: dict[str, str] = {}  # project id -> label config, from /setup
+        self.seconds_per_object_frame = 0.25  # running estimate, refined after each propagation
+
+    @property
+    def settings(self) -> BackendSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, s: BackendSettings) -> None:
+        self._settings = s
+        self.fetcher = MediaFetcher(s.ls_url, s.api_key, s.cache_dir, set(s.allowed_hosts), int(s.max_media_mb * 2**20))
+        self.media = TaskMedia(self.fetcher, s.max_frames, s.frame_store_mb)
+        self.ls = LabelStudioIO(s.ls_url, s.api_key, self.redis)
+        self.tasks.max_sessions = s.max_sessions
+
+    @property
+    def model_version(self) -> str:
+        return f"lazyxmem-{__version__}-{propagator_name(self.settings.engine)}"
+
+    def refiner(self) -> Refiner:
+        """The process's one refiner, shared by every task (its caches are keyed by video)."""
+        with self._refiner_lock:
+            if self._refiner is None:
+                r = build_refiner(self.settings.engine)
+                if r is None:
+                    raise LazyXMemError("a refiner is needed to turn boxes and clicks into masks; set LAZYXMEM_REFINER")
+                self._refiner = r
+            return self._refiner
+
+    # -- sessions --------------------------------------------------------------------------------
+    def initial_masks(self, frames: FrameSequence, prompts: list[ObjectPrompt], task_id: int,
+                      key: str) -> tuple[dict[int, np.ndarray], list[tuple[int, str]]]:
+        """The annotation's regions as index masks per frame, and the objects (value, label text)."""
+        if len(prompts) > MAX_OBJECTS:
+            raise TaskError(f"task {task_id} has {len(prompts)} objects; at most {MAX_OBJECTS} fit an index mask")
+        h, w = frames[0].shape[:2]
+        given: dict[int, np.ndarray] = {}
+        objects = []
+        for value, p in enumerate(prompts, start=1):
+            corr = Correction(clicks=tuple(p.clicks), box=p.box, mask=p.mask)
+            mask = correction_mask(self.refiner(), frames, p.frame, corr, None, None, key)
+            if not mask.any():
+                raise TaskError(f"task {task_id}: region {p.key} gives an empty mask on frame {p.frame + 1}")
+            given.setdefault(p.frame, np.zeros((h, w), np.uint8))[mask] = value
+            objects.append((value, p.label))
+        return given, objects
+
+    def new_session(self, frames: FrameSequence, given: dict[int, np.ndarray], key: str) -> LazySession:
+        propagator = build_propagator(self.settings.engine, video_length=len(frames) - min(given))
+        return LazySession(propagator, frames, given, refiner=self.refiner(), config=self.settings.lazy_config,
+                           video_key=key)
+
+    def build(self, task: dict, cfg: LabelConfig) -> TaskState | None:
+        """A task's state from Label Studio's data (not propagated yet); None without regions."""
+        task_id = int(task.get("id") or 0)
+        frames, fps = self.media.open(task, cfg)
+        h, w = frames[0].shape[:2]
+        prompts = edits.initial_prompts(initial_regions(task), cfg, (w, h), len(frames))
+        if not prompts:
+            return None
+        key = video_key(task)
+        given, objects = self.initial_masks(frames, prompts, task_id, key)
+        session = self.new_session(frames, given, key)
+        return TaskState(task_id, cfg, frames, objects, session, fps, task=task, view=session.view())
+
+    def propagate(self, state: TaskState, progress: Progress | None = None, batch: bool = True) -> None:
+        """Run the session to the end of the video (nothing to do when it is there), publishing
+        its view every few frames; batch work yields to interactive answers between frames."""
+        t0 = time.perf_counter()
+        count = [0]
+
+        def step(n: int) -> None:
+            count[0] += n
+            if progress is not None:
+                progress(n)
+            if count[0] % 25 == 0:
+                state.publish()
+            if batch:
+                self.gate.yield_to_interactive()
+
+        with state.write_lock:
+            if not state.session.remaining:
+                return
+            state.session.run(progress=step)
+            state.publish()
+        done = count[0]
+        if done > 10:
+            per = (time.perf_counter() - t0) / (done * max(1, len(state.objects)))
+            self.seconds_per_object_frame = 0.5 * self.seconds_per_object_frame + 0.5 * per
+        log.info("task %s: %d frames in %.1f s, %d review frames", state.task_id, done,
+                 time.perf_counter() - t0, len(state.view.review))
+
+    def state_for(self, task: dict, cfg: LabelConfig, progress: Progress | None = None, batch: bool = True) -> TaskState:
+        """The task's state, propagated to the end: the one held here, or rebuilt from the task
+        (after a restart, an eviction, or in a worker that has not seen the task)."""
+        task_id = int(task.get("id") or 0)
+        state = self.tasks.held_or_build(task_id, lambda: self.build(task, cfg))
+        if state is None:
+            raise TaskError(f"task {task_id} has no region to start from: draw the objects first")
+        if progress is not None and hasattr(progress, "total"):
+            progress.total = state.session.remaining  # known only now in a worker
+        try:
+            self.propagate(state, progress, batch)
+        except Exception:
+            self.tasks.drop(task_id, state)  # a half-propagated session must not be served later
+            raise
+        return state
+
+    def adopt_stored(self, state: TaskState) -> None:
+        """With workers: the view the latest job stored, when newer than this process's own."""
+        if self.views is None:
+            return
+        got = self.views.get(state.task, self.model_version, state.stamp)
+        if got is not None and (got[1].n_frames, *got[1].shape) == (len(state.frames), *state.frames[0].shape[:2]):
+            state.adopt(got[1], got[0], got[2])
+
+    # -- predictions -----------------------------------------------------------------------------
+    def prediction(self, state: TaskState) -> dict:
+        with state.meta_lock:
+            view, revision = state.view, state.revision
+        masks = view.frame_masks()
+        if state.cfg.mode == "video":
+            result = convert.video_results(state.cfg, masks, state.objects, view.review, view.pseudo, state.fps)
+        else:
+            result = convert.image_results(state.cfg, masks, state.objects, view.review, view.pseudo)
+        version = self.model_version + (f"-r{revision}" if revision else "")
+        return {"result": result, "score": view.score, "model_version": version,
+                "review_frames": [t + 1 for t in view.review]}
+
+    def predict(self, tasks: list[dict], label_config: str, context: dict | None) -> tuple[list, dict[int, str]]:
+        """Label Studio's /predict: one entry per task, and the jobs queued for tasks answered later.
+
+        A task answered later gets ``[]``: Label Studio 1.23.2 stores no prediction for an empty
+        list (it stores a dict with an empty result), so nothing blocks the prediction the job posts.
+        """
+        cfg = parse_label_config(label_config)
+        if context and context.get("result") is not None:
+            return [self.interactive(tasks[0], cfg, context["result"])], {}
+        out: list = []
+        jobs: dict[int, str] = {}
+        deadline = time.monotonic() + self.settings.sync_budget_s
+        for task in tasks:
+            task_id = int(task.get("id") or 0)
+            try:
+                entry = self.guard_oom(task_id, lambda: self._predict_one(task, cfg, deadline))
+            except LazyXMemError as exc:
+                if len(tasks) == 1:  # the caller sees the error itself (4xx with the message)
+                    raise
+                # in a batch, one bad task must not cost the others their predictions
+                log.warning("task %s: no prediction: %s", task_id, exc)
+                entry = {"result": [], "score": 0.0, "model_version": self.model_version, "error": str(exc)}
+            if isinstance(entry, str):
+                jobs[task_id], entry = entry, []
+            out.append(entry)
+        return out, jobs
+
+    def _predict_one(self, task: dict, cfg: LabelConfig, deadline: float) -> dict | list | str:
+        """A prediction, ``[]`` (nothing to predict from) or the id of the job that will post it."""
+        task_id = int(task.get("id") or 0)
+        self.media.value(task, cfg)  # a task without the config's media is an error, regions or not
+        # Asked again (a reopened task): the latest prediction, corrections included, rather than
+        # a session rebuilt from the task, which would also drop the corrections made so far.
+        if self.views is not None:
+            stored = self.views.prediction(task, self.model_version)
+            if stored is not None:
+                return stored
+        digest = start_digest(task)
+        held = self.tasks.held(task_id)
+        if held is not None and held.digest == digest and held.view.done:
+            return self.prediction(held)
+        regions = initial_regions(task)
+        if not regions:
+            log.info("task %s: no region to start from yet; nothing to predict", task_id)
+            return []
+        n = self.media.declared_frames(task, cfg) if cfg.mode == "video" else len(
+            (task.get("data") or {}).get(cfg.value_key) or [])
+        fits = n is not None and n * max(1, len(regions)) * self.seconds_per_object_frame <= deadline - time.monotonic()
+        if not fits or not self._sync_slot.acquire(blocking=False):
+            # Too long for this request, or another request is propagating: the batch lane does
+            # it, so the web threads stay free for interactive answers.
+            job_id = self.submit("propagate", task, cfg.xml, n or 0)
+            log.info("task %s: about %s frames run in the background (job %s)", task_id, n, job_id)
+            return job_id
+        try:
+            state = self.tasks.held_or_build(task_id, lambda: self.build(task, cfg), accept=lambda s: s.digest == digest)
+            if state is None:
+                return []
+            try:
+                self.propagate(state)
+            except Exception:
+                self.tasks.drop(task_id, state)
+                raise
+            return self.prediction(state)
+        finally:
+            self._sync_slot.release()
+
+    # -- interactive answers and corrections -----------------------------------------------------
+    def interactive(self, task: dict, cfg: LabelConfig, results: list[dict]) -> dict:
+        """Clicks or a box on one frame: the refined region now, the re-propagation queued."""
+        empty = {"result": [], "model_version": self.model_version}
+        if not results:
+            return empty
+        task_id = int(task.get("id") or 0)
+        with self.gate.interactive():
+            state = self.tasks.held(task_id)
+            if state is None:
+                return self._interactive_cold(task, cfg, results) or empty
+            self.adopt_stored(state)
+            view = state.view
+            corrections = edits.interactive_corrections(cfg, state.objects, view.frame_masks(), results)
+            if not corrections:
+                return empty
+            refiner = self.refiner()
+            answers = {}
+            for (t, value), corr in corrections.items():
+                try:
+                    if view.reached(t):
+                        answers[(t, value)] = view.preview(state.frames, refiner, t, value, corr)
+                    else:  # not propagated yet: the frame alone, with the object's last given mask
+                        answers[(t, value)] = correction_mask(refiner, state.frames, t, corr, None,
+                                                              view.reference(t, value), view.video_key)
+                except ValueError as exc:
+                    raise TaskError(f"task {task_id}: {exc}") from None
+            self.schedule_correction(state, corrections)
+        return {"result": convert.interactive_results(cfg, answers, state.objects, view.n_frames, state.fps),
+                "model_version": self.model_version}
+
+    def _interactive_cold(self, task: dict, cfg: LabelConfig, results: list[dict]) -> dict | None:
+        """An interactive call on a task not held here: read only the frames the answer needs,
+        propagate a short window when the frame is near the objects' start, and queue the rest."""
+        task_id = int(task.get("id") or 0)
+        regions = initial_regions(task)
+        clicked = edits.frames_named(cfg, results)
+        starts = edits.frames_named(cfg, regions, first_only=True)
+        if not starts:
+            raise TaskError(f"task {task_id} has no region to start from: draw the objects first")
+        if not clicked:
+            return None
+        start, last = min(starts), max(clicked)
+        window = 0 <= last - start <= self.settings.interactive_window
+        wanted = sorted(set(range(start, last + 1)) if window else set(starts) | set(clicked))
+        frames, fps = self.media.some(task, cfg, wanted)
+        h, w = frames[start].shape[:2]
+        key = video_key(task)
+        prompts = edits.initial_prompts(regions, cfg, (w, h), len(frames))
+        given, objects = self.initial_masks(frames, prompts, task_id, key)
+        view = None
+        if window:
+            session = self.new_session(frames, given, key)
+            session.run(until=last + 1)
+            view = session.view()
+            masks = view.frame_masks()
+        else:
+            masks = [given.get(t, np.zeros((h, w), np.uint8)) for t in range(len(frames))]
+        corrections = edits.interactive_corrections(cfg, objects, masks, results)
+        if not corrections:
+            return None
+        answers = {}
+        for (t, value), corr in corrections.items():
+            try:
+                if view is not None and view.reached(t):
+                    answers[(t, value)] = view.preview(frames, self.refiner(), t, value, corr)
+                else:
+                    s = max((f for f in given if f < t and (given[f] == value).any()), default=None)
+                    ref = None if s is None else (s, given[s] == value)
+                    answers[(t, value)] = correction_mask(self.refiner(), frames, t, corr, None, ref, key)
+            except ValueError as exc:
+                raise TaskError(f"task {task_id}: {exc}") from None
+        job_id = self.submit("correct", task, cfg.xml, len(frames) - min(t for t, _ in corrections),
+                             corrections=corrections)
+        log.info("task %s: not held here; answered frame(s) %s from %d frame(s) read, the rest queued (job %s)",
+                 task_id, sorted({t + 1 for t, _ in corrections}), len(wanted), job_id)
+        return {"result": convert.interactive_results(cfg, answers, objects, len(frames), fps),
+                "model_version": self.model_version}
+
+    def schedule_correction(self, state: TaskState, corrections: Corrections) -> str:
+        """Re-propagate after corrections in the background and post the new prediction. The job
+        carries every correction made so far (what the user gave, not masks refined here): it may
+        run on a session rebuilt from the task (another worker, an eviction)."""
+        first = min(t for t, _ in corrections)
+        with state.meta_lock:
+            state.corrections.update(corrections)
+            state.rounds += 1
+            every, rounds = dict(state.corrections), state.rounds
+        job_id = self.submit("correct", state.task, state.cfg.xml, len(state.frames) - first,
+                             corrections=every, revision=rounds)
+        log.info("task %s: correction on frame(s) %s, re-propagating from %d (job %s)", state.task_id,
+                 sorted({t + 1 for t, _ in corrections}), first + 1, job_id)
+        return job_id
+
+    def apply_corrections(self, state: TaskState, corrections: Corrections, progress: Progress | None = None,
+                          revision: int = 0) -> None:
+        """Apply the corrections this session has not applied yet (a job carries all of them, so
+        a session rebuilt elsewhere gets every one, and a session that has them redoes nothing)."""
+        with state.meta_lock:
+            for k, c in corrections.items():
+                state.corrections.setdefault(k, c)
+        with state.write_lock:
+            new = {k: c for k, c in corrections.items() if not edits.same_correction(state.applied.get(k), c)}
+            if not new:
+                return
+            try:
+                state.session.correct(new, progress=progress)
+            except ValueError as exc:
+                raise TaskError(f"task {state.task_id}: {exc}") from None
+            state.applied.update(new)
+            state.publish(revision=revision or state.revision + 1)
+
+    def on_annotation(self, payload: dict) -> dict:
+        """ANNOTATION_CREATED / UPDATED: frames the annotator changed become corrections."""
+        annotation = payload.get("annotation") or {}
+        task = payload.get("task") or {}
+        project = payload.get("project") or {}
+        if not task.get("id"):
+            raise TaskError("webhook payload has no task")
+        cfg = parse_label_config(project.get("label_config") or "")
+        # With Redis the job carries the annotation itself: whichever worker takes it rebuilds the
+        # prediction and compares, so every edit so far counts, wherever earlier jobs ran.
+        state = None if self.settings.redis_url else self.tasks.held(int(task["id"]))
+        if state is None:
+            # A restart or an evicted session: rebuilding means propagating the whole video, which
+            # does not belong inside the webhook call. The annotation that fired the webhook must
+            # not be mistaken for the initial regions.
+            base = dict(task)
+            base["annotations"] = [a for a in task.get("annotations") or [] if a.get("id") != annotation.get("id")]
+            if not initial_regions(base):
+                base["annotations"] = [annotation]
+            job = self.submit("annotation", base, cfg.xml, 0, annotation=annotation)
+            return {"status": "rebuilding", "job": job}
+        corrections = edits.annotation_corrections(cfg, state.objects, state.masks(), annotation)
+        if not corrections:
+            return {"status": "no change"}
+        job = self.schedule_correction(state, corrections)
+        return {"status": "re-propagating", "job": job, "frames": sorted({t + 1 for t, _ in corrections})}
+
+    # -- pre-annotation on import ----------------------------------------------------------------
+    def preannotate(self, tasks: list[dict], label_config: str) -> dict:
+        """Queue a propagation job for each task that carries initial regions; skip the others."""
+        parse_label_config(label_config)  # a config we cannot serve fails here, not in every job
+        jobs, skipped = {}, []
+        for task in tasks:
+            if not initial_regions(task) and task.get("id") and self.ls.configured:
+                task = self.ls.task(int(task["id"]))  # webhook tasks come without annotations
+            if not initial_regions(task):
+                skipped.append(task.get("id"))
+                continue
+            data = task.get("data") or {}
+            frames = next((len(v) for v in data.values() if isinstance(v, list)), 0)
+            jobs[task["id"]] = self.submit("propagate", task, label_config, frames)
+        log.info("pre-annotation: %d task(s) queued, %d without regions skipped", len(jobs), len(skipped))
+        return {"status": "queued", "jobs": jobs, "skipped": skipped}
+
+    def on_tasks_created(self, payload: dict) -> dict:
+        """TASKS_CREATED (an import): pre-annotate the tasks that carry regions."""
+        if not self.settings.preannotate_on_import:
+            return {"status": "ignored", "reason": "PREANNOTATE_ON_IMPORT is off"}
+        project = payload.get("project") or {}
+        config = project.get("label_config") or self.label_configs.get(str(project.get("id", "")))
+        if not config:
+            raise TaskError(f"TASKS_CREATED for project {project.get('id')} without its label config: "
+                            "connect the backend to the project (it calls /setup) and import again")
+        tasks = [t for t in payload.get("tasks") or [] if isinstance(t, dict)]
+        return self.preannotate(tasks, config)
+
+    # -- jobs ------------------------------------------------------------------------------------
+    def submit(self, kind: str, task: dict, label_config: str, total: int, **extra: Any) -> str:
+        return self.jobs.submit(JobSpec(kind, task, label_config, self.model_version, **extra), total)
+
+    def run_job(self, spec: JobSpec, progress: Progress | None = None) -> dict:
+        """Do one job: in a thread of this process, or in a ``lazyxmem worker`` (any of them).
+
+        The session is the one held here when there is one, else it is rebuilt from the task as
+        Label Studio sent it, so a job does not depend on which process took it.
+        """
+        cfg = parse_label_config(spec.label_config)
+
+        def work() -> dict:
+            state = self.state_for(spec.task, cfg, progress, batch=spec.lane == "batch")
+            if spec.kind == "correct":
+                self.apply_corrections(state, spec.corrections, progress, spec.revision)
+            elif spec.kind == "annotation":
+                corrections = edits.annotation_corrections(cfg, state.objects, state.masks(), spec.annotation or {})
+                if not corrections:
+                    log.info("task %s: the annotation changes no frame; nothing to re-propagate", spec.task_id)
+                    return {"posted": False, "frames": []}
+                self.apply_corrections(state, corrections, progress)
+            pred = self.prediction(state)
+            if self.views is not None:
+                self.views.put(spec.task, self.model_version, spec.submitted, state.view, state.revision, pred,
+                               only_if_absent=spec.kind == "propagate")
+            posted = self.ls.post_prediction(state.task_id, pred, job_id=spec.key,
+                                             unless_present=spec.kind == "propagate")
+            return {"posted": posted, "review_frames": pred["review_frames"]}
+
+        return self.guard_oom(spec.task_id, work)
+
+    def guard_oom(self, task_id: int, work: Callable[[], Any]) -> Any:
+        """Run ``work``; on CUDA out-of-memory give a clear error, or redo it on the CPU when allowed."""
+        try:
+            return work()
+        except Exception as exc:
+            if not is_cuda_oom(exc):
+                raise
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            device = self.settings.engine.device
+            if not self.settings.cpu_fallback:
+                log.error("task %s: CUDA out of memory on %s", task_id, device)
+                raise LazyXMemError(
+                    f"task {task_id}: the GPU ran out of memory (DEVICE={device}). Run fewer workers per GPU, "
+                    "split the video, or set CPU_FALLBACK=true to finish such jobs on the CPU") from exc
+            log.warning("task %s: CUDA out of memory on %s; falling back to the CPU (CPU_FALLBACK)", task_id, device)
+            self.use_device("cpu")
+            return work()
+
+    def use_device(self, device: str) -> None:
+        """Switch the engines to ``device``; sessions built on the old one are dropped and rebuilt."""
+        self.settings = replace(self.settings, engine=replace(self.settings.engine, device=device))
+        with self._refiner_lock:
+            self._refiner = None
+        self.tasks.clear()
