@@ -295,6 +295,10 @@ class Service:
         task_id = int(task.get("id") or 0)
         with self.gate.interactive():
             state = self.tasks.held(task_id)
+            if state is None and self.views is not None and self.views.get(task, self.model_version) is not None:
+                # Workers made this task's masks: hold its frames here (no propagation) and answer
+                # from their view, which the held state keeps adopting as they store newer ones.
+                state = self.tasks.held_or_build(task_id, lambda: self.build(task, cfg))
             if state is None:
                 return self._interactive_cold(task, cfg, results) or empty
             self.adopt_stored(state)

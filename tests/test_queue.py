@@ -171,12 +171,12 @@ def test_duplicated_jobs_post_once(cluster):
     assert copy.key == spec(task).key, "the key is the content (task, version, regions), not the annotation's id"
     fresh = spec(task)
     ids = {queue.submit(fresh, 24) for _ in range(3)}
-    assert len(ids) == 1 and len(queue.queue) <= 1
+    assert len(ids) == 1 and len(queue.queues["batch"]) <= 1
     job_id = ids.pop()
     wait_until(lambda: finished(queue, job_id), 60, "the duplicated job")
     assert queue.submit(fresh, 24) == job_id  # done already: not queued again
     time.sleep(1.0)
-    assert len(queue.queue) == 0
+    assert len(queue.queues["batch"]) == 0
     # The job record expires (or is deleted) and the same work arrives again: it runs, but the
     # ledger knows its prediction was posted.
     from rq.job import Job
@@ -201,13 +201,13 @@ def test_backend_queues_long_videos_on_redis_and_reports_worker_progress(cluster
     task = {**cluster["tasks"][101], "id": 160}
     r = client.post("/predict", json={"tasks": [task], "label_config": VIDEO_CFG, "params": {"context": None}})
     assert r.status_code == 200, r.json
-    answer = r.json["results"][0]
-    assert answer["model_version"].endswith("-pending") and answer["result"] == []
-    assert client.application.config["model"].held(160) is None, "a worker builds its own session"
+    assert r.json["results"] == [[]], "queued: Label Studio stores nothing, the worker posts"
+    job_id = r.json["jobs"]["160"]
+    assert client.application.config["model"].tasks.held(160) is None, "a worker builds its own session"
     seen = []
 
     def done():
-        job = client.get(f"/jobs/{answer['job']}").json
+        job = client.get(f"/jobs/{job_id}").json
         seen.append(job)
         return job if job["status"] in ("finished", "failed") else None
 
@@ -245,7 +245,7 @@ def test_post_ledger_lets_one_of_concurrent_duplicates_post(redis_url):
 
     from redis import Redis
 
-    from backend.jobs import PostLedger
+    from backend.ls_io import PostLedger
 
     ledger = PostLedger(Redis.from_url(redis_url))
     posts: list[int] = []
@@ -271,11 +271,11 @@ def test_post_ledger_lets_one_of_concurrent_duplicates_post(redis_url):
 
 def test_web_process_refines_against_the_workers_latest_masks(cluster, redis_url, tmp_path):
     """With workers, the web process never re-propagates: an interactive edit after a correction
-    must see the masks the worker made (jobs.MaskStore), not the web process's first propagation."""
+    must see the masks the worker made (task_store.ViewStore), not the web process's first propagation."""
     from backend import convert
     from backend.app import create_app
-    from backend.jobs import MaskStore
     from backend.settings import BackendSettings
+    from backend.task_store import ViewStore
     from lazyxmem_core.engines import EngineSettings
 
     settings = BackendSettings(ls_url=cluster["ls_url"], api_key=TOKEN, cache_dir=str(tmp_path / "cache"),
@@ -283,13 +283,13 @@ def test_web_process_refines_against_the_workers_latest_masks(cluster, redis_url
                                engine=EngineSettings(engine="embedded", refiner="embedded"))
     client = create_app(settings).test_client()
     model = client.application.config["model"]
-    store = MaskStore(cluster["queue"].redis)
+    store = ViewStore(cluster["queue"].redis)
     task = {**cluster["tasks"][103], "id": 170}
     r = client.post("/predict", json={"tasks": [task], "label_config": VIDEO_CFG, "params": {"context": None}})
-    job = wait_until(lambda: finished(cluster["queue"], r.json["results"][0]["job"]), 60, "the propagation")
+    job = wait_until(lambda: finished(cluster["queue"], r.json["jobs"]["170"]), 60, "the propagation")
     assert job["status"] == "finished"
     first = store.get(task, model.model_version)
-    assert first is not None and len(first[1]) == 24, "the worker stored its masks"
+    assert first is not None and first[1].n_frames == 24 and first[1].done, "the worker stored its view"
 
     def edit(keyframes: list[dict]) -> list[dict]:
         region = {"id": "lazyxmem-1", "from_name": "box", "to_name": "video", "type": "videorectangle",
@@ -305,18 +305,18 @@ def test_web_process_refines_against_the_workers_latest_masks(cluster, redis_url
     assert [k["frame"] for k in answer] == [13]
     state = model.tasks.held(170)
     assert len(state.session.records) == 0, "the web process did not propagate the video itself"
-    assert all((a == b).all() for a, b in zip(state.masks(), first[1]))
+    assert all((a == b).all() for a, b in zip(state.masks(), first[1].frame_masks()))
     wait_until(lambda: store.get(task, model.model_version, newer_than=first[0]), 60, "the corrected masks")
     # Label Studio now shows frame 13 with the answered box; the annotator edits frame 20 too.
     later = {"frame": 20, "x": 5.0, "y": 5.0, "width": 40.0, "height": 40.0, "rotation": 0, "enabled": True}
     second = edit([dict(answer[0], enabled=True), later])
     assert [k["frame"] for k in second] == [20], "frame 13 already holds the correction: only frame 20 is new"
-    assert state.stored is not None and state.stored[0] > first[0]
+    assert state.stamp > first[0]
     box = convert.mask_box(state.masks()[12] == 1)
     assert box is not None and max(abs(a - answer[0][k]) for a, k in zip(box, ("x", "y", "width", "height"))) <= 1.0
     # The task reopened once frame 20's correction is in: /predict answers with the workers'
     # latest prediction, both corrections included (not a propagation from the task's regions).
-    wait_until(lambda: store.get(task, model.model_version, newer_than=state.stored[0]), 60, "frame 20's masks")
+    wait_until(lambda: store.get(task, model.model_version, newer_than=state.stamp), 60, "frame 20's masks")
     r = client.post("/predict", json={"tasks": [task], "label_config": VIDEO_CFG, "params": {"context": None}})
     reopened = r.json["results"][0]
     assert reopened["model_version"] == f"{model.model_version}-r2", reopened["model_version"]
@@ -325,24 +325,33 @@ def test_web_process_refines_against_the_workers_latest_masks(cluster, redis_url
     assert max(abs(kf13[k] - answer[0][k]) for k in ("x", "y", "width", "height")) <= 1.0
 
 
-def test_mask_store_keeps_the_latest_jobs_masks(redis_url):
+def test_view_store_keeps_the_latest_jobs_view(redis_url):
     from redis import Redis
 
-    from backend.jobs import MaskStore
+    from backend.task_store import ViewStore
+    from lazyxmem_core.session_view import SessionView
+    from lazyxmem_core.types import PackedMask
 
-    store = MaskStore(Redis.from_url(redis_url))
+    def view(offset: int) -> SessionView:
+        masks = tuple(PackedMask.pack(np.full((4, 6), (t + offset) % 3, np.uint8)) for t in range(5))
+        anchor = PackedMask.pack(np.ones((4, 6), bool))
+        return SessionView("task-180-x", 5, (4, 6), (1, 2), masks, {(2, 1): anchor}, {1: ((0, anchor),)},
+                           (3,), (1,), 0.25)
+
+    store = ViewStore(Redis.from_url(redis_url))
     task = {"id": 180, "data": {"video": "/data/upload/9/x.mp4"}, "annotations": []}
-    frames = [np.full((4, 6), t % 3, np.uint8) for t in range(5)]
-    newer = [f + 1 for f in frames]
+    newer = view(1)
     assert store.get(task, "v1") is None
-    assert store.put(task, "v1", 10.0, newer, prediction={"model_version": "v1-r1", "result": []})
-    assert not store.put(task, "v1", 5.0, frames), "a job queued earlier never overwrites a later one"
-    assert not store.put(task, "v1", 20.0, frames, only_if_absent=True), "a propagation never overwrites"
-    stamp, got = store.get(task, "v1")
-    assert stamp == 10.0 and len(got) == 5 and all((a == b).all() for a, b in zip(got, newer))
-    assert (got[-1] == newer[4]).all() and got[2].dtype == np.uint8 and len(got[1:3]) == 2
+    assert store.put(task, "v1", 10.0, newer, 1, prediction={"model_version": "v1-r1", "result": []})
+    assert not store.put(task, "v1", 5.0, view(0), 0, {}), "a job queued earlier never overwrites a later one"
+    assert not store.put(task, "v1", 20.0, view(0), 0, {}, only_if_absent=True), "a propagation never overwrites"
+    stamp, got, revision = store.get(task, "v1")
+    assert stamp == 10.0 and revision == 1 and got.n_frames == 5
+    assert all((a == b).all() for a, b in zip(got.frame_masks(), newer.frame_masks()))
+    assert got.review == (3,) and got.pseudo == (1,) and got.score == 0.25 and got.video_key == "task-180-x"
+    assert got.prior(2, 1).all() and got.reference(1, 1)[0] == 0 and got.reference(0, 1) is None
     with pytest.raises(IndexError, match="outside the video"):
-        got[5]
+        got.frame_masks()[5]
     assert store.get(task, "v1", newer_than=10.0) is None, "nothing newer than what the caller holds"
     assert store.prediction(task, "v1") == {"model_version": "v1-r1", "result": []}
     assert store.prediction(task, "v2") is None
