@@ -374,12 +374,11 @@ class Service:
         carries every correction made so far (what the user gave, not masks refined here): it may
         run on a session rebuilt from the task (another worker, an eviction)."""
         first = min(t for t, _ in corrections)
-        with state.meta_lock:
+        with state.meta_lock:  # submitted inside: rounds reach the queue in their order
             state.corrections.update(corrections)
             state.rounds += 1
-            every, rounds = dict(state.corrections), state.rounds
-        job_id = self.submit("correct", state.task, state.cfg.xml, len(state.frames) - first,
-                             corrections=every, revision=rounds)
+            job_id = self.submit("correct", state.task, state.cfg.xml, len(state.frames) - first,
+                                 corrections=dict(state.corrections), revision=state.rounds)
         log.info("task %s: correction on frame(s) %s, re-propagating from %d (job %s)", state.task_id,
                  sorted({t + 1 for t, _ in corrections}), first + 1, job_id)
         return job_id
