@@ -9,8 +9,9 @@ the task store (whose session, which lock) -> the core (``LazySession``, ``Sessi
   it is queued on the batch lane and posted when done. An interactive call answers for its frame
   from the task's published view, or, for a task not held here, from the frames it needs alone;
   the re-propagation goes to the interactive lane.
-- interactive answers first: while one is being computed, batch propagation in this process
-  pauses between frames (:class:`PriorityGate`), and correction jobs have a lane of their own.
+- interactive answers first: while one is being computed, every propagation in this process
+  pauses between frames (:class:`PriorityGate`), and correction jobs have a lane of their own, so
+  they never wait behind pre-annotation.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def is_cuda_oom(exc: BaseException) -> bool:
 
 
 class PriorityGate:
-    """Batch propagation steps aside, between two frames, while an interactive answer is being
+    """Propagation steps aside, between two frames, while an interactive answer is being
     computed in this process (at most ``max_pause_s`` at a time, so batch work never starves)."""
 
     def __init__(self, max_pause_s: float = 5.0) -> None:
@@ -155,10 +156,9 @@ class Service:
         session = self.new_session(frames, given, key)
         return TaskState(task_id, cfg, frames, objects, session, fps, task=task, view=session.view())
 
-    def propagate(self, state: TaskState, progress: Progress | None = None, batch: bool = True) -> None:
-        """Run the session to the end of the video (nothing to do when it is there), publishing
-        its view every few frames; batch work yields to interactive answers between frames."""
-        t0 = time.perf_counter()
+    def _stepper(self, state: TaskState, progress: Progress | None) -> Callable[[int], None]:
+        """The per-frame callback of a propagation: progress, the view published every few
+        frames, and a pause while an interactive answer is computed (answers first)."""
         count = [0]
 
         def step(n: int) -> None:
@@ -167,9 +167,16 @@ class Service:
                 progress(n)
             if count[0] % 25 == 0:
                 state.publish()
-            if batch:
-                self.gate.yield_to_interactive()
+            self.gate.yield_to_interactive()
 
+        step.count = count  # type: ignore[attr-defined]
+        return step
+
+    def propagate(self, state: TaskState, progress: Progress | None = None) -> None:
+        """Run the session to the end of the video (nothing to do when it is there)."""
+        t0 = time.perf_counter()
+        step = self._stepper(state, progress)
+        count = step.count  # type: ignore[attr-defined]
         with state.write_lock:
             if not state.session.remaining:
                 return
@@ -182,7 +189,7 @@ class Service:
         log.info("task %s: %d frames in %.1f s, %d review frames", state.task_id, done,
                  time.perf_counter() - t0, len(state.view.review))
 
-    def state_for(self, task: dict, cfg: LabelConfig, progress: Progress | None = None, batch: bool = True) -> TaskState:
+    def state_for(self, task: dict, cfg: LabelConfig, progress: Progress | None = None) -> TaskState:
         """The task's state, propagated to the end: the one held here, or rebuilt from the task
         (after a restart, an eviction, or in a worker that has not seen the task)."""
         task_id = int(task.get("id") or 0)
@@ -192,7 +199,7 @@ class Service:
         if progress is not None and hasattr(progress, "total"):
             progress.total = state.session.remaining  # known only now in a worker
         try:
-            self.propagate(state, progress, batch)
+            self.propagate(state, progress)
         except Exception:
             self.tasks.drop(task_id, state)  # a half-propagated session must not be served later
             raise
@@ -395,7 +402,7 @@ class Service:
             if not new:
                 return
             try:
-                state.session.correct(new, progress=progress)
+                state.session.correct(new, progress=self._stepper(state, progress))
             except ValueError as exc:
                 raise TaskError(f"task {state.task_id}: {exc}") from None
             state.applied.update(new)
@@ -470,7 +477,7 @@ class Service:
         cfg = parse_label_config(spec.label_config)
 
         def work() -> dict:
-            state = self.state_for(spec.task, cfg, progress, batch=spec.lane == "batch")
+            state = self.state_for(spec.task, cfg, progress)
             if spec.kind == "correct":
                 self.apply_corrections(state, spec.corrections, progress, spec.revision)
             elif spec.kind == "annotation":
