@@ -172,22 +172,28 @@ class Service:
         step.count = count  # type: ignore[attr-defined]
         return step
 
-    def propagate(self, state: TaskState, progress: Progress | None = None) -> None:
-        """Run the session to the end of the video (nothing to do when it is there)."""
+    def propagate(self, state: TaskState, progress: Progress | None = None, wait: bool = True) -> bool:
+        """Run the session to the end of the video (nothing to do when it is there). Without
+        ``wait`` (a web thread), nothing happens when another writer holds the task: False."""
         t0 = time.perf_counter()
         step = self._stepper(state, progress)
         count = step.count  # type: ignore[attr-defined]
-        with state.write_lock:
+        if not state.write_lock.acquire(blocking=wait):
+            return False
+        try:
             if not state.session.remaining:
-                return
+                return True
             state.session.run(progress=step)
             state.publish()
+        finally:
+            state.write_lock.release()
         done = count[0]
         if done > 10:
             per = (time.perf_counter() - t0) / (done * max(1, len(state.objects)))
             self.seconds_per_object_frame = 0.5 * self.seconds_per_object_frame + 0.5 * per
         log.info("task %s: %d frames in %.1f s, %d review frames", state.task_id, done,
                  time.perf_counter() - t0, len(state.view.review))
+        return True
 
     def state_for(self, task: dict, cfg: LabelConfig, progress: Progress | None = None) -> TaskState:
         """The task's state, propagated to the end: the one held here, or rebuilt from the task
@@ -285,7 +291,9 @@ class Service:
             if state is None:
                 return []
             try:
-                self.propagate(state)
+                if not self.propagate(state, wait=False):  # a job is propagating it: it posts
+                    log.info("task %s: a job is updating its session; its prediction is posted when done", task_id)
+                    return []
             except Exception:
                 self.tasks.drop(task_id, state)
                 raise
@@ -341,7 +349,7 @@ class Service:
             return None
         start, last = min(starts), max(clicked)
         window = 0 <= last - start <= self.settings.interactive_window
-        wanted = sorted(set(range(start, last + 1)) if window else set(starts) | set(clicked))
+        wanted = sorted((set(range(start, last + 1)) if window else set(clicked)) | set(starts))
         frames, fps = self.media.some(task, cfg, wanted)
         h, w = frames[start].shape[:2]
         key = video_key(task)
