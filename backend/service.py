@@ -235,8 +235,9 @@ class Service:
     def predict(self, tasks: list[dict], label_config: str, context: dict | None) -> tuple[list, dict[int, str]]:
         """Label Studio's /predict: one entry per task, and the jobs queued for tasks answered later.
 
-        A task answered later gets ``[]``: Label Studio 1.23.2 stores no prediction for an empty
-        list (it stores a dict with an empty result), so nothing blocks the prediction the job posts.
+        A task answered later, or with nothing to start from, gets ``[]``: Label Studio 1.23.2
+        takes a list as "the task's predictions" and stores none for an empty one (a dict it
+        stores, even with an empty result), so no empty prediction blocks the one the job posts.
         """
         cfg = parse_label_config(label_config)
         if context and context.get("result") is not None:
