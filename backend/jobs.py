@@ -18,8 +18,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -86,6 +87,32 @@ class JobSpec:
 
 
 Runner = Callable[[JobSpec, Progress], Any]
+
+
+class PriorityGate:
+    """Propagation steps aside, between two frames, while an interactive answer is being
+    computed in this process (at most ``max_pause_s`` at a time, so batch work never starves)."""
+
+    def __init__(self, max_pause_s: float = 5.0) -> None:
+        self.max_pause_s = max_pause_s
+        self._active = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def interactive(self) -> Iterator[None]:
+        with self._cond:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def yield_to_interactive(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._active == 0, timeout=self.max_pause_s)
+
 
 
 class JobQueue(Protocol):

@@ -18,8 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -38,7 +37,7 @@ from . import convert, edits
 from .convert import ObjectPrompt, TaskError
 from .edits import Corrections, initial_regions, start_digest
 from .fetch import MediaFetcher, TaskMedia
-from .jobs import JobSpec, Progress, make_queue
+from .jobs import JobSpec, PriorityGate, Progress, make_queue
 from .labelconfig import LabelConfig, parse_label_config
 from .ls_io import LabelStudioIO
 from .settings import BackendSettings
@@ -52,31 +51,6 @@ def is_cuda_oom(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
-
-
-class PriorityGate:
-    """Propagation steps aside, between two frames, while an interactive answer is being
-    computed in this process (at most ``max_pause_s`` at a time, so batch work never starves)."""
-
-    def __init__(self, max_pause_s: float = 5.0) -> None:
-        self.max_pause_s = max_pause_s
-        self._active = 0
-        self._cond = threading.Condition()
-
-    @contextmanager
-    def interactive(self) -> Iterator[None]:
-        with self._cond:
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._active -= 1
-                self._cond.notify_all()
-
-    def yield_to_interactive(self) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._active == 0, timeout=self.max_pause_s)
 
 
 class Service:

@@ -172,7 +172,7 @@ def test_committing_its_own_prediction_changes_nothing_and_a_correction_only_whe
     a, b = EmbeddedPropagator(work_size=64), EmbeddedPropagator(work_size=64)
     for t in range(4):
         pa = a.step(frames[t], masks[0] if t == 0 else None)
-        pb = b.step(frames[t], masks[0] if t == 0 else None)
+        b.step(frames[t], masks[0] if t == 0 else None)
         a.commit()
         b.commit(mask=pa.argmax(0).astype(np.uint8))  # the same prediction, at full size
     np.testing.assert_array_equal(a.snapshot()["prev"]["mask"], b.snapshot()["prev"]["mask"])
