@@ -9,7 +9,7 @@ A job is a :class:`JobSpec`: everything a worker needs to redo it from scratch (
 Label Studio sent it, the label config, the corrections), so any worker process can take it.
 Its id is a digest of (task, model version, what it computes), which makes jobs idempotent:
 submitting the same work twice returns the first job, and a prediction is posted once per id
-(:class:`PostLedger`), even when a killed worker's job is retried elsewhere.
+(``backend.ls_io.PostLedger``), even when a killed worker's job is retried elsewhere.
 """
 from __future__ import annotations
 

@@ -50,9 +50,9 @@ class PostLedger:
 class LabelStudioIO:
     """Everything the backend asks of Label Studio's API, with the backend's own key."""
 
-    def __init__(self, url: str | None, api_key: str | None, redis: Any = None) -> None:
+    def __init__(self, url: str | None, api_key: str | None, ledger: PostLedger) -> None:
         self.url, self.api_key = url, api_key
-        self.ledger = PostLedger(redis)
+        self.ledger = ledger  # outlives a change of settings (a CPU fallback): posts stay once per job
         self._client: Any = None
         self._lock = threading.Lock()
 

@@ -39,7 +39,7 @@ from .edits import Corrections, initial_regions, start_digest
 from .fetch import MediaFetcher, TaskMedia
 from .jobs import JobSpec, PriorityGate, Progress, make_queue
 from .labelconfig import LabelConfig, parse_label_config
-from .ls_io import LabelStudioIO
+from .ls_io import LabelStudioIO, PostLedger
 from .settings import BackendSettings
 from .task_store import TaskState, TaskStore, ViewStore, video_key
 
@@ -60,6 +60,7 @@ class Service:
         self.jobs = make_queue(self.run_job, settings.redis_url, settings.job_retries, settings.job_timeout_s)
         self.redis = getattr(self.jobs, "redis", None)
         self.views = ViewStore(self.redis) if self.redis is not None else None
+        self.ledger = PostLedger(self.redis)
         self.settings = settings
         self._refiner: Refiner | None = None
         self._refiner_lock = threading.Lock()
@@ -77,7 +78,7 @@ class Service:
         self._settings = s
         self.fetcher = MediaFetcher(s.ls_url, s.api_key, s.cache_dir, set(s.allowed_hosts), int(s.max_media_mb * 2**20))
         self.media = TaskMedia(self.fetcher, s.max_frames, s.frame_store_mb)
-        self.ls = LabelStudioIO(s.ls_url, s.api_key, self.redis)
+        self.ls = LabelStudioIO(s.ls_url, s.api_key, self.ledger)
         self.tasks.max_sessions = s.max_sessions
 
     @property
@@ -425,7 +426,13 @@ class Service:
         jobs, skipped = {}, []
         for task in tasks:
             if not initial_regions(task) and task.get("id") and self.ls.configured:
-                task = self.ls.task(int(task["id"]))  # webhook tasks come without annotations
+                try:
+                    task = self.ls.task(int(task["id"]))  # webhook tasks come without annotations
+                except Exception as exc:  # an upload's webhook can arrive before the task is readable
+                    log.info("task %s: not readable from Label Studio yet (%s); skipped",
+                             task.get("id"), type(exc).__name__)
+                    skipped.append(task.get("id"))
+                    continue
             if not initial_regions(task):
                 skipped.append(task.get("id"))
                 continue

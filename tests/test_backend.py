@@ -357,6 +357,18 @@ def test_tasks_created_queues_the_tasks_with_regions_and_posts_their_predictions
     assert bad.status_code == 422 and "label config" in bad.json["error"]
 
 
+def test_tasks_created_for_a_task_label_studio_cannot_show_yet_skips_it(client, fake_ls, caplog):
+    def not_yet(task_id):
+        raise RuntimeError("404 Not Found")
+
+    client.model.ls.task = not_yet
+    payload = {"action": "TASKS_CREATED", "project": {"id": 3, "label_config": VIDEO_CFG},
+               "tasks": [{"id": 33, "data": {"video": "/data/upload/1/v.avi"}}]}
+    r = client.post("/webhook", json=payload)
+    assert r.status_code == 200 and r.json["skipped"] == [33] and not r.json["jobs"], r.json
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]
+
+
 def test_tasks_created_can_be_switched_off(client, fake_ls):
     _, video = fake_ls
     client.model.settings = BackendSettings(**{**client.model.settings.__dict__, "preannotate_on_import": False})
