@@ -30,8 +30,8 @@ from lazyxmem_core.errors import LazyXMemError
 from lazyxmem_core.lazy import LazySession
 from lazyxmem_core.media import FrameSequence
 from lazyxmem_core.protocols import Refiner
-from lazyxmem_core.session_view import correction_mask
-from lazyxmem_core.types import Correction
+from lazyxmem_core.session_view import SessionView, correction_mask
+from lazyxmem_core.types import Correction, PackedMask
 
 from . import convert, edits
 from .convert import ObjectPrompt, TaskError
@@ -297,17 +297,7 @@ class Service:
             corrections = edits.interactive_corrections(cfg, state.objects, view.frame_masks(), results)
             if not corrections:
                 return empty
-            refiner = self.refiner()
-            answers = {}
-            for (t, value), corr in corrections.items():
-                try:
-                    if view.reached(t):
-                        answers[(t, value)] = view.preview(state.frames, refiner, t, value, corr)
-                    else:  # not propagated yet: the frame alone, with the object's last given mask
-                        answers[(t, value)] = correction_mask(refiner, state.frames, t, corr, None,
-                                                              view.reference(t, value), view.video_key)
-                except ValueError as exc:
-                    raise TaskError(f"task {task_id}: {exc}") from None
+            answers = self._answers(task_id, view, state.frames, corrections)
             self.schedule_correction(state, corrections)
         return {"result": convert.interactive_results(cfg, answers, state.objects, view.n_frames, state.fps),
                 "model_version": self.model_version}
@@ -331,34 +321,44 @@ class Service:
         key = video_key(task)
         prompts = edits.initial_prompts(regions, cfg, (w, h), len(frames))
         given, objects = self.initial_masks(frames, prompts, task_id, key)
-        view = None
         if window:
             session = self.new_session(frames, given, key)
             session.run(until=last + 1)
             view = session.view()
-            masks = view.frame_masks()
-        else:
-            masks = [given.get(t, np.zeros((h, w), np.uint8)) for t in range(len(frames))]
-        corrections = edits.interactive_corrections(cfg, objects, masks, results)
+        else:  # what is known without propagating: the annotation's masks
+            view = SessionView(
+                key, len(frames), (h, w), tuple(v for v, _ in objects),
+                tuple(PackedMask.pack(given[t]) if t in given else None for t in range(len(frames))), {},
+                {v: tuple((f, PackedMask.pack(m == v)) for f, m in sorted(given.items()) if (m == v).any())
+                 for v, _ in objects}, (), (), 0.0)
+        corrections = edits.interactive_corrections(cfg, objects, view.frame_masks(), results)
         if not corrections:
             return None
-        answers = {}
-        for (t, value), corr in corrections.items():
-            try:
-                if view is not None and view.reached(t):
-                    answers[(t, value)] = view.preview(frames, self.refiner(), t, value, corr)
-                else:
-                    s = max((f for f in given if f < t and (given[f] == value).any()), default=None)
-                    ref = None if s is None else (s, given[s] == value)
-                    answers[(t, value)] = correction_mask(self.refiner(), frames, t, corr, None, ref, key)
-            except ValueError as exc:
-                raise TaskError(f"task {task_id}: {exc}") from None
+        answers = self._answers(task_id, view, frames, corrections)
         job_id = self.submit("correct", task, cfg.xml, len(frames) - min(t for t, _ in corrections),
                              corrections=corrections)
         log.info("task %s: not held here; answered frame(s) %s from %d frame(s) read, the rest queued (job %s)",
                  task_id, sorted({t + 1 for t, _ in corrections}), len(wanted), job_id)
         return {"result": convert.interactive_results(cfg, answers, objects, len(frames), fps),
                 "model_version": self.model_version}
+
+    def _answers(self, task_id: int, view: SessionView, frames: FrameSequence,
+                 corrections: Corrections) -> dict[tuple[int, int], np.ndarray]:
+        """The mask each correction gives now: refined against the frame's forward mask where
+        the view has it (what the re-propagation will refine against too), else the frame alone
+        with the object's last given mask as the reference."""
+        refiner = self.refiner()
+        answers = {}
+        for (t, value), corr in corrections.items():
+            try:
+                if view.reached(t):
+                    answers[(t, value)] = view.preview(frames, refiner, t, value, corr)
+                else:
+                    answers[(t, value)] = correction_mask(refiner, frames, t, corr, None,
+                                                          view.reference(t, value), view.video_key)
+            except ValueError as exc:
+                raise TaskError(f"task {task_id}: {exc}") from None
+        return answers
 
     def schedule_correction(self, state: TaskState, corrections: Corrections) -> str:
         """Re-propagate after corrections in the background and post the new prediction. The job

@@ -302,3 +302,20 @@ def test_a_click_on_a_long_video_not_held_is_answered_from_its_frame(tmp_path):
         assert max(abs(a - kf[0][c]) for a, c in zip(held_box, ("x", "y", "width", "height"))) < 1.0
     finally:
         srv.shutdown()
+
+
+def test_a_click_near_the_start_of_a_task_not_held_gets_the_answer_a_held_one_gets(scenes, tmp_path):
+    """Not held (a restart): the frames up to the click are propagated in the request (a short
+    window), so the answer is the one the server gives once it holds the whole task."""
+    url, videos = scenes
+    k, t, tid = 3, 4, 41
+    held_client, held_service = server(url, tmp_path / "held", "embedded")
+    predict(held_client, [task(k, tid)])
+    held = predict(held_client, [task(k, tid)], {"result": [click(videos[k], t)]})[0]
+    cold_client, cold_service = server(url, tmp_path / "cold", "embedded")
+    cold = predict(cold_client, [task(k, tid)], {"result": [click(videos[k], t)]})[0]
+    assert cold["result"] == held["result"]
+    assert cold_service.tasks.held(tid) is None  # answered from frames 0..4 alone; the rest is queued
+    wait_jobs(cold_service)
+    wait_jobs(held_service)
+    assert (cold_service.tasks.held(tid).masks()[t] == held_service.tasks.held(tid).masks()[t]).all()
