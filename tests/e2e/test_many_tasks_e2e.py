@@ -33,6 +33,16 @@ def clips() -> list:
     return out
 
 
+def item_urls(ls: LabelStudio, folder, k: int, frames: list[np.ndarray]) -> list[str]:
+    """Scene k's frames written under the project's local storage, as task URLs."""
+    urls = []
+    for i, frame in enumerate(frames):
+        path = folder / f"s{k}_{i:03d}.png"
+        cv2.imwrite(str(path), frame)
+        urls.append(local_file_url(ls, path))
+    return urls
+
+
 def own_best(mask: np.ndarray, masks: list[np.ndarray], k: int, what: str) -> float:
     ious = [mask_iou(mask, m) for m in masks]
     assert ious[k] > 0.5 and ious[k] == max(ious) and sorted(ious)[-2] < ious[k], f"{what}: IoUs {ious}"
@@ -47,11 +57,7 @@ def test_tasks_of_one_size_in_one_project_each_get_their_own_masks(label_studio:
     folder = add_local_storage(ls, project.id, "e2e-many")
     data = []
     for k, clip in enumerate(scenes):
-        urls = []
-        for i, frame in enumerate(clip.frames):
-            path = folder / f"s{k}_{i:03d}.png"
-            cv2.imwrite(str(path), frame)
-            urls.append(local_file_url(ls, path))
+        urls = item_urls(ls, folder, k, clip.frames)
         x, y, w, h = cv2.boundingRect(clip.masks[0].astype(np.uint8))
         region = {"id": f"start{k}", "from_name": "region", "to_name": "frames", "type": "rectanglelabels",
                   "origin": "manual", "item_index": 0, "original_width": W, "original_height": H, "image_rotation": 0,

@@ -20,10 +20,10 @@ import cv2
 import numpy as np
 import pytest
 
-from ls_harness import Backend, LabelStudio, add_local_storage, create_project, import_tasks, local_file_url, \
+from ls_harness import Backend, LabelStudio, add_local_storage, create_project, import_tasks, \
     retrieve_predictions, start_backend, stop_process
 from test_backend_e2e import IMAGES_XML, brush_mask, connect, mask_iou, wait_predictions
-from test_many_tasks_e2e import H, W, clips
+from test_many_tasks_e2e import H, W, clips, item_urls
 
 pytestmark = pytest.mark.e2e
 torch = pytest.importorskip("torch")
@@ -63,11 +63,7 @@ def test_sam_answers_each_task_from_its_own_frame(label_studio: LabelStudio, sam
     folder = add_local_storage(ls, project.id, "e2e-sam")
     data = []
     for k, clip in enumerate(scenes):
-        urls = []
-        for i, frame in enumerate(clip.frames[:8]):
-            path = folder / f"s{k}_{i:03d}.png"
-            cv2.imwrite(str(path), frame)
-            urls.append(local_file_url(ls, path))
+        urls = item_urls(ls, folder, k, clip.frames[:8])
         region = {"id": f"start{k}", "from_name": "mask", "to_name": "frames", "type": "brushlabels",
                   "origin": "manual", "item_index": 0, "original_width": W, "original_height": H,
                   "image_rotation": 0, "value": {"format": "rle", "brushlabels": ["Object"],
