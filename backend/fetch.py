@@ -13,7 +13,7 @@ import cv2
 import requests
 
 from lazyxmem_core.errors import LazyXMemError
-from lazyxmem_core.media import FrameSequence, ImageFiles, SparseFrames, VideoFrames, read_video_frames, video_frame_count
+from lazyxmem_core.media import FrameSequence, ImageFiles, SparseFrames, VideoFrames, read_video_frames, video_header
 
 from .convert import TaskError
 from .labelconfig import LabelConfig
@@ -160,12 +160,9 @@ class TaskMedia:
         value = self.value(task, cfg)
         if cfg.mode == "video":
             path = self.fetcher.fetch(value)
-            n = video_frame_count(path) or max(indices) + 1
+            n, fps = video_header(path)
             frames = read_video_frames(path, indices)
-            cap = cv2.VideoCapture(str(path))
-            fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) or 25.0
-            cap.release()
-            return SparseFrames(max(n, max(indices) + 1), frames), cfg.frame_rate or fps
+            return SparseFrames(max(n or 0, max(indices) + 1), frames), cfg.frame_rate or fps
         out = {}
         for t in indices:
             if not 0 <= t < len(value):
@@ -181,11 +178,5 @@ class TaskMedia:
         decoded); None for image sequences or containers that do not say."""
         if cfg.mode != "video":
             return None
-        path = self.fetcher.fetch(self.value(task, cfg))
-        cap = cv2.VideoCapture(str(path))
-        opened = cap.isOpened()
-        cap.release()
-        if not opened:  # said now, in the request, rather than by a job nobody watches
-            raise TaskError(f"task {task.get('id')}: cannot decode video {path.name}: OpenCV could not open it "
-                            "(unsupported or damaged file)")
-        return video_frame_count(path)
+        # A file that cannot be opened is an error now, in the request, not in a job nobody watches.
+        return video_header(self.fetcher.fetch(self.value(task, cfg)))[0]

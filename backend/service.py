@@ -132,37 +132,35 @@ class Service:
         return TaskState(task_id, cfg, frames, objects, session, fps, task=task, view=session.view())
 
     def _stepper(self, state: TaskState, progress: Progress | None) -> Callable[[int], None]:
-        """The per-frame callback of a propagation: progress, the view published every few
-        frames, and a pause while an interactive answer is computed (answers first)."""
-        count = [0]
+        """The per-frame callback of a propagation: progress, the view published once a second
+        (a view costs a pass over the frame records: per second, not per frame, on a long video),
+        and a pause while an interactive answer is computed (answers first)."""
+        published = [time.monotonic()]
 
         def step(n: int) -> None:
-            count[0] += n
             if progress is not None:
                 progress(n)
-            if count[0] % 25 == 0:
+            if time.monotonic() - published[0] >= 1.0:
                 state.publish()
+                published[0] = time.monotonic()
             self.gate.yield_to_interactive()
 
-        step.count = count  # type: ignore[attr-defined]
         return step
 
     def propagate(self, state: TaskState, progress: Progress | None = None, wait: bool = True) -> bool:
         """Run the session to the end of the video (nothing to do when it is there). Without
         ``wait`` (a web thread), nothing happens when another writer holds the task: False."""
         t0 = time.perf_counter()
-        step = self._stepper(state, progress)
-        count = step.count  # type: ignore[attr-defined]
         if not state.write_lock.acquire(blocking=wait):
             return False
         try:
-            if not state.session.remaining:
+            done = state.session.remaining
+            if not done:
                 return True
-            state.session.run(progress=step)
+            state.session.run(progress=self._stepper(state, progress))
             state.publish()
         finally:
             state.write_lock.release()
-        done = count[0]
         if done > 10:
             per = (time.perf_counter() - t0) / (done * max(1, len(state.objects)))
             self.seconds_per_object_frame = 0.5 * self.seconds_per_object_frame + 0.5 * per
@@ -286,7 +284,7 @@ class Service:
         task_id = int(task.get("id") or 0)
         with self.gate.interactive():
             state = self.tasks.held(task_id)
-            if state is None and self.views is not None and self.views.get(task, self.model_version) is not None:
+            if state is None and self.views is not None and self.views.has(task, self.model_version):
                 # Workers made this task's masks: hold its frames here (no propagation) and answer
                 # from their view, which the held state keeps adopting as they store newer ones.
                 state = self.tasks.held_or_build(task_id, lambda: self.build(task, cfg))

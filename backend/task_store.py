@@ -11,7 +11,7 @@ Redis also worker processes):
   request's propagation budget). Writers of different tasks run side by side.
 - **Readers never wait for writers.** Predictions, interactive previews and the masks endpoint
   read ``state.view``: an immutable :class:`SessionView` the writer replaces (one assignment)
-  after each pass and every few frames during a long one. A reader takes the attribute once and
+  after each pass and once a second during a long one. A reader takes the attribute once and
   works on that object: it sees a whole pass, never half a rewrite.
 - **Bookkeeping.** ``state.meta_lock`` (held for a few statements) guards the corrections sent
   to jobs, the round counter and the published view's stamp.
@@ -30,6 +30,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from lazyxmem_core.lazy import LazySession
@@ -69,12 +70,9 @@ class TaskState:
     write_lock: threading.RLock = field(default_factory=threading.RLock)
     meta_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    @property
-    def video_key(self) -> str:
-        return self.session.video_key or video_key(self.task)
-
-    @property
+    @cached_property
     def digest(self) -> str:
+        """What the session was built from (the task's media and initial regions)."""
         return start_digest(self.task)
 
     def publish(self, revision: int | None = None) -> None:
@@ -185,6 +183,10 @@ class ViewStore:
                     return True
                 except WatchError:  # another worker wrote in between: compare again
                     continue
+
+    def has(self, task: dict, model_version: str) -> bool:
+        """Whether a worker stored a view for the task (no transfer of the view itself)."""
+        return bool(self.redis.hexists(self.key(task, model_version), "stamp"))
 
     def get(self, task: dict, model_version: str, newer_than: float = -1.0) -> tuple[float, SessionView, int] | None:
         """(stamp, view, revision) when the store holds a view newer than ``newer_than``."""

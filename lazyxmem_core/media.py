@@ -181,18 +181,28 @@ class VideoFrames(FrameSequence):
         return frame
 
 
-def video_frame_count(path: str | os.PathLike) -> int | None:
-    """The frame count the container declares, read without decoding (None when it declares none).
-
-    Only an estimate: some containers round it or omit it. Good enough to decide whether a video
-    is too long to propagate inside a request, not to index frames.
-    """
+def video_header(path: str | os.PathLike) -> tuple[int | None, float]:
+    """(frame count, fps) as the container declares them, read without decoding; the count is
+    None when it declares none. Only an estimate (some containers round or omit it): good enough
+    to decide whether a video is too long to propagate inside a request, not to index frames."""
     cap = cv2.VideoCapture(str(path))
     try:
-        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if cap.isOpened() else 0
+        if not cap.isOpened():
+            raise MediaError(f"cannot decode video {Path(path).name}: OpenCV could not open it "
+                             "(unsupported or damaged file)")
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) or 25.0
     finally:
         cap.release()
-    return n if n > 0 else None
+    return (n if n > 0 else None), fps
+
+
+def video_frame_count(path: str | os.PathLike) -> int | None:
+    """The frame count the container declares (None when it declares none or cannot be opened)."""
+    try:
+        return video_header(path)[0]
+    except MediaError:
+        return None
 
 
 def read_video_frames(path: str | os.PathLike, indices: Sequence[int]) -> dict[int, np.ndarray]:

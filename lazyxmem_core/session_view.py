@@ -109,7 +109,9 @@ class SessionView:
 
     @property
     def done(self) -> bool:
-        return all(m is not None for m in self.masks[self.first:]) if self.first is not None else False
+        """Every frame from the first one reached to the end has its mask."""
+        first = self.first
+        return first is not None and all(m is not None for m in self.masks[first:])
 
     @property
     def first(self) -> int | None:

@@ -33,14 +33,30 @@ def clips() -> list:
     return out
 
 
-def item_urls(ls: LabelStudio, folder, k: int, frames: list[np.ndarray]) -> list[str]:
-    """Scene k's frames written under the project's local storage, as task URLs."""
-    urls = []
-    for i, frame in enumerate(frames):
-        path = folder / f"s{k}_{i:03d}.png"
-        cv2.imwrite(str(path), frame)
-        urls.append(local_file_url(ls, path))
-    return urls
+def import_scenes(ls: LabelStudio, title: str, scenes: list, start_region, n_items: int = N) -> tuple[int, list[dict], list[int]]:
+    """A project with the image-sequence config and one task per scene (its first ``n_items``
+    frames, under the project's local storage), each started by ``start_region(k, clip)`` on
+    item 0; returns the project id, the imported task data and the task ids."""
+    project = create_project(ls, IMAGES_XML, title=title)
+    folder = add_local_storage(ls, project.id, title)
+    data = []
+    for k, clip in enumerate(scenes):
+        urls = []
+        for i, frame in enumerate(clip.frames[:n_items]):
+            path = folder / f"s{k}_{i:03d}.png"
+            cv2.imwrite(str(path), frame)
+            urls.append(local_file_url(ls, path))
+        region = {"id": f"start{k}", "to_name": "frames", "origin": "manual", "item_index": 0,
+                  "original_width": W, "original_height": H, "image_rotation": 0, **start_region(k, clip)}
+        data.append({"data": {"frames": urls}, "annotations": [{"result": [region]}]})
+    return project.id, data, import_tasks(ls, project.id, data)
+
+
+def box_start(k: int, clip) -> dict:
+    x, y, w, h = cv2.boundingRect(clip.masks[0].astype(np.uint8))
+    return {"from_name": "region", "type": "rectanglelabels",
+            "value": {"x": 100 * (x - 2) / W, "y": 100 * (y - 2) / H, "width": 100 * (w + 4) / W,
+                      "height": 100 * (h + 4) / H, "rotation": 0, "rectanglelabels": ["Object"]}}
 
 
 def own_best(mask: np.ndarray, masks: list[np.ndarray], k: int, what: str) -> float:
@@ -53,22 +69,11 @@ def test_tasks_of_one_size_in_one_project_each_get_their_own_masks(label_studio:
                                                                      backend_server: Backend) -> None:
     ls = label_studio
     scenes = clips()
-    project = create_project(ls, IMAGES_XML, title="e2e-many-tasks")
-    folder = add_local_storage(ls, project.id, "e2e-many")
-    data = []
-    for k, clip in enumerate(scenes):
-        urls = item_urls(ls, folder, k, clip.frames)
-        x, y, w, h = cv2.boundingRect(clip.masks[0].astype(np.uint8))
-        region = {"id": f"start{k}", "from_name": "region", "to_name": "frames", "type": "rectanglelabels",
-                  "origin": "manual", "item_index": 0, "original_width": W, "original_height": H, "image_rotation": 0,
-                  "value": {"x": 100 * (x - 2) / W, "y": 100 * (y - 2) / H, "width": 100 * (w + 4) / W,
-                            "height": 100 * (h + 4) / H, "rotation": 0, "rectanglelabels": ["Object"]}}
-        data.append({"data": {"frames": urls}, "annotations": [{"result": [region]}]})
-    ids = import_tasks(ls, project.id, data)
-    ml_id, _ = connect(ls, project.id, backend_server)
+    project_id, data, ids = import_scenes(ls, "e2e-many-tasks", scenes, box_start)
+    ml_id, _ = connect(ls, project_id, backend_server)
 
     t0 = time.perf_counter()
-    answer = retrieve_predictions(ls, project.id, ids)  # one action on all three: one batch to the backend
+    answer = retrieve_predictions(ls, project_id, ids)  # one action on all three: one batch to the backend
     assert answer.get("processed_items") == 3, answer
     preds = {}
     for k, task_id in enumerate(ids):

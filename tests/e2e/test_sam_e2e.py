@@ -20,10 +20,9 @@ import cv2
 import numpy as np
 import pytest
 
-from ls_harness import Backend, LabelStudio, add_local_storage, create_project, import_tasks, \
-    retrieve_predictions, start_backend, stop_process
-from test_backend_e2e import IMAGES_XML, brush_mask, connect, mask_iou, wait_predictions
-from test_many_tasks_e2e import H, W, clips, item_urls
+from ls_harness import Backend, LabelStudio, retrieve_predictions, start_backend, stop_process
+from test_backend_e2e import brush_mask, connect, mask_iou, wait_predictions
+from test_many_tasks_e2e import H, W, clips, import_scenes
 
 pytestmark = pytest.mark.e2e
 torch = pytest.importorskip("torch")
@@ -59,19 +58,12 @@ def test_sam_answers_each_task_from_its_own_frame(label_studio: LabelStudio, sam
 
     ls = label_studio
     scenes = clips()
-    project = create_project(ls, IMAGES_XML, title="e2e-sam-cache")
-    folder = add_local_storage(ls, project.id, "e2e-sam")
-    data = []
-    for k, clip in enumerate(scenes):
-        urls = item_urls(ls, folder, k, clip.frames[:8])
-        region = {"id": f"start{k}", "from_name": "mask", "to_name": "frames", "type": "brushlabels",
-                  "origin": "manual", "item_index": 0, "original_width": W, "original_height": H,
-                  "image_rotation": 0, "value": {"format": "rle", "brushlabels": ["Object"],
-                                                 "rle": mask2rle(clip.masks[0].astype(np.uint8) * 255)}}
-        data.append({"data": {"frames": urls}, "annotations": [{"result": [region]}]})
-    ids = import_tasks(ls, project.id, data)
-    ml_id, _ = connect(ls, project.id, sam_backend)
-    assert retrieve_predictions(ls, project.id, ids).get("processed_items") == 3
+    brush = lambda k, clip: {"from_name": "mask", "type": "brushlabels",  # noqa: E731
+                             "value": {"format": "rle", "brushlabels": ["Object"],
+                                       "rle": mask2rle(clip.masks[0].astype(np.uint8) * 255)}}
+    project_id, _, ids = import_scenes(ls, "e2e-sam-cache", scenes, brush, n_items=8)
+    ml_id, _ = connect(ls, project_id, sam_backend)
+    assert retrieve_predictions(ls, project_id, ids).get("processed_items") == 3
     for task_id in ids:
         wait_predictions(ls, task_id, lambda ps: any(p["result"] for p in ps), sam_backend)
 
