@@ -538,3 +538,13 @@ def test_view_masks_unpack_one_frame_at_a_time():
         masks[3]
     again = SessionView.from_bytes(view.to_bytes())
     assert again.masks[0] is None and (again.frame_masks()[1] == m).all() and again.labels == (2,)
+
+
+def test_a_task_opened_before_anything_is_drawn_gets_no_prediction_to_store(client, fake_ls):
+    """Opening a task with no region makes Label Studio ask /predict and store what comes back:
+    the answer is [] (a list: no prediction), so nothing empty sits in front of the real one."""
+    task = {"id": 51, "data": {"video": "/data/upload/1/v.avi"}, "annotations": [], "drafts": []}
+    before = len(FakeLabelStudio.posted)
+    r = predict(client, [task], VIDEO_CFG)
+    assert r.status_code == 200 and r.json["results"] == [[]] and "jobs" not in r.json, r.json
+    assert len(FakeLabelStudio.posted) == before and not client.model.jobs.jobs
