@@ -197,14 +197,6 @@ def video_header(path: str | os.PathLike) -> tuple[int | None, float]:
     return (n if n > 0 else None), fps
 
 
-def video_frame_count(path: str | os.PathLike) -> int | None:
-    """The frame count the container declares (None when it declares none or cannot be opened)."""
-    try:
-        return video_header(path)[0]
-    except MediaError:
-        return None
-
-
 def read_video_frames(path: str | os.PathLike, indices: Sequence[int]) -> dict[int, np.ndarray]:
     """A few frames of a video (RGB), decoded in order up to the last one asked for, without
     storing the rest: what an answer about one frame needs from a video not decoded yet."""

@@ -13,7 +13,7 @@ from PIL import Image
 from lazyxmem_core.cli import main
 from lazyxmem_core.errors import MediaError
 from lazyxmem_core.media import (FrameDir, ImageFiles, VideoFrames, davis_palette, read_index_mask,
-                                 video_frame_count, write_index_mask)
+                                 video_header, write_index_mask)
 from synthetic import make_video
 
 
@@ -56,14 +56,15 @@ def write_avi(path: Path, frames) -> Path:
 def test_video_file_is_decoded_with_random_access(tmp_path):
     video = make_video(n_frames=6, size=(64, 80))
     path = write_avi(tmp_path / "v.avi", video.frames)
-    assert video_frame_count(path) == 6  # what the container declares, read without decoding
+    assert video_header(path) == (6, 10.0)  # count and rate as declared, read without decoding
     frames = VideoFrames(path)
     assert len(frames) == 6 and frames[3].shape == (64, 80, 3)
     assert np.abs(frames[5].astype(int) - video.frames[5]).mean() < 12  # lossy codec, same picture
     (tmp_path / "broken.mp4").write_bytes(b"\x00" * 1000)
     with pytest.raises(MediaError, match="cannot decode video"):
         VideoFrames(tmp_path / "broken.mp4")
-    assert video_frame_count(tmp_path / "broken.mp4") is None
+    with pytest.raises(MediaError, match="cannot decode video"):
+        video_header(tmp_path / "broken.mp4")
 
 
 def test_a_long_video_is_kept_jpeg_compressed_on_disk(tmp_path):
