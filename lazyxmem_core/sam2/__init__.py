@@ -1,0 +1,1 @@
+from .model import SAM2_TYPES, build_model, load_checkpoint, shared_model
