@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .errors import CheckpointError, LazyXMemError
 
@@ -21,6 +22,8 @@ XMEM_URL = "https://github.com/hkchengrex/XMem/releases/download/v1.0"
 SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything"
 XMEM_VARIANTS = ("XMem", "XMem-s012", "XMem-no-sensory")
 SAM_FILES = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_b": "sam_vit_b_01ec64.pth"}
+SAM_HQ_URL = "https://huggingface.co/lkeab/hq-sam/resolve/main"  # SAM-HQ's authors' release (SysCV/sam-hq)
+SAM_HQ_FILES = {"vit_b": "sam_hq_vit_b.pth", "vit_l": "sam_hq_vit_l.pth", "vit_h": "sam_hq_vit_h.pth"}
 URL_ENV = "LAZYXMEM_WEIGHTS_URL"  # a mirror (base URL) for both kinds, e.g. for tests or air-gapped sites
 TIMEOUT_S = 30.0  # connect / read timeout: a stalled server must not hang the command
 CHUNK = 1 << 20
@@ -148,25 +151,43 @@ def check_xmem(path: str | Path, variant: str = "XMem") -> None:
 
 def check_sam(path: str | Path, model_type: str = "vit_h") -> None:
     """Load ``path`` with the SAM loader and check it is a complete SAM ``model_type`` state dict."""
+    from .sam.refiner import load_state_dict
+
+    def reference() -> dict[str, Any]:
+        from segment_anything import sam_model_registry
+
+        return sam_model_registry[model_type]().state_dict()
+
+    _check_sam_layout(path, load_state_dict(path), model_type, reference, "SAM")
+
+
+def check_sam_hq(path: str | Path, model_type: str = "vit_l") -> None:
+    """Load ``path`` with the SAM-HQ loader and check it is a complete SAM-HQ ``model_type`` state dict."""
+    from .sam.hq import hq_registry, load_hq_state_dict
+
+    sd = load_hq_state_dict(path)  # refuses a plain SAM file by name
+    _check_sam_layout(path, sd, model_type, lambda: hq_registry()[model_type]().state_dict(), "SAM-HQ")
+
+
+def _check_sam_layout(path: str | Path, sd: dict[str, Any], model_type: str,
+                      reference: Callable[[], dict[str, Any]], name: str) -> None:
+    """``sd`` has the type, key names and shapes of ``reference()`` (the registry model's state dict)."""
     import torch
 
-    from .sam.refiner import detect_model_type, load_state_dict
+    from .sam.refiner import detect_model_type
 
-    sd = load_state_dict(path)
     detected = detect_model_type(sd)
     if detected is None:
-        raise CheckpointError(f"{path} is a SAM-like state dict but its image encoder width matches no official "
-                              "SAM type (vit_b / vit_l / vit_h)")
+        raise CheckpointError(f"{path} is a {name}-like state dict but its image encoder width matches no official "
+                              f"{name} type (vit_b / vit_l / vit_h)")
     if detected != model_type:
-        raise CheckpointError(f"{path} is a SAM {detected} checkpoint, not {model_type}")
-    from segment_anything import sam_model_registry
-
+        raise CheckpointError(f"{path} is a {name} {detected} checkpoint, not {model_type}")
     with torch.device("meta"):  # the model's key names and shapes, without allocating its weights
-        reference = sam_model_registry[model_type]().state_dict()
-    missing = [k for k in reference if k not in sd]
-    wrong = [k for k, v in reference.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+        expected = reference()
+    missing = [k for k in expected if k not in sd]
+    wrong = [k for k, v in expected.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
     if missing or wrong:
-        raise CheckpointError(f"{path} does not match SAM {model_type}: {len(missing)} missing keys "
+        raise CheckpointError(f"{path} does not match {name} {model_type}: {len(missing)} missing keys "
                               f"(e.g. {missing[:2]}), {len(wrong)} with other shapes (e.g. {wrong[:2]})")
 
 
@@ -186,3 +207,13 @@ def download_sam(model_type: str = "vit_h", directory: str | Path | None = None,
         raise ValueError(f"unknown SAM model type {model_type!r}: use one of {', '.join(SAM_FILES)}")
     filename = SAM_FILES[model_type]
     return ensure(filename, file_url(filename, SAM_URL, url), lambda p: check_sam(p, model_type), directory, progress)
+
+
+def download_sam_hq(model_type: str = "vit_l", directory: str | Path | None = None, url: str | None = None,
+                    progress: bool = True) -> Path:
+    """Fetch (or find) the official SAM-HQ checkpoint of ``model_type`` (the paper's refiner: vit_l); returns its path."""
+    if model_type not in SAM_HQ_FILES:
+        raise ValueError(f"unknown SAM-HQ model type {model_type!r}: use one of {', '.join(SAM_HQ_FILES)}")
+    filename = SAM_HQ_FILES[model_type]
+    return ensure(filename, file_url(filename, SAM_HQ_URL, url), lambda p: check_sam_hq(p, model_type), directory,
+                  progress)

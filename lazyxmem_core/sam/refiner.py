@@ -15,10 +15,10 @@ objects or several correction rounds on one frame cost one encoder pass.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -34,6 +34,12 @@ EMBED_DIM_TO_TYPE = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 # Logit magnitude used to turn a binary prior into SAM's mask input; SAM's own low-res logits
 # are typically of this order inside / outside confident regions.
 MASK_LOGIT = 10.0
+# Parameters only SAM-HQ's decoder has (its HQ output token and the fusion of early ViT features):
+# they tell a SAM-HQ checkpoint from a plain SAM one, whose layout is otherwise the same.
+HQ_KEY_PREFIXES = ("mask_decoder.hf_token.", "mask_decoder.compress_vit_feat.")
+SAM_GET = "download the official checkpoint of your model type (e.g. sam_vit_h_4b8939.pth or sam_vit_b_01ec64.pth)"
+
+_R = TypeVar("_R", bound="SamRefiner")
 
 
 @dataclass
@@ -43,6 +49,8 @@ class _Embedding:
     features: torch.Tensor
     original_size: tuple[int, int]
     input_size: tuple[int, int]
+    # SAM-HQ's predictor also keeps early ViT features, which its decoder reads on every predict.
+    interm_features: list[torch.Tensor] | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -69,13 +77,20 @@ def detect_model_type(state_dict: dict[str, Any]) -> str | None:
     return None
 
 
-def load_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """Read a SAM checkpoint (a plain state dict, as Meta publishes them) on the CPU."""
+def is_sam_hq(state_dict: Mapping[str, Any]) -> bool:
+    """Whether a SAM-layout state dict carries SAM-HQ's extra decoder parameters."""
+    return any(k.startswith(HQ_KEY_PREFIXES) for k in state_dict)
+
+
+def load_state_dict(checkpoint: str | Path, name: str = "SAM", get: str = SAM_GET) -> dict[str, torch.Tensor]:
+    """Read a SAM checkpoint (a plain state dict, as Meta publishes them) on the CPU.
+
+    name: the model family in messages (SAM-HQ checkpoints have the same form); get: how to
+    obtain the file, said when it is missing.
+    """
     path = Path(checkpoint)
     if not path.is_file():
-        raise CheckpointError(
-            f"SAM checkpoint {path} not found: download the official checkpoint of your model "
-            "type (e.g. sam_vit_h_4b8939.pth or sam_vit_b_01ec64.pth) and pass its path")
+        raise CheckpointError(f"{name} checkpoint {path} not found: {get} and pass its path")
     try:
         # weights_only: a checkpoint is data, it must not run code when it is opened.
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -83,7 +98,7 @@ def load_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else 'no details'}): the download may be "
-            "truncated or the file is something else; re-download the official SAM checkpoint"
+            f"truncated or the file is something else; re-download the official {name} checkpoint"
         ) from e
     # Tolerate the usual training wrappers {"model": sd} / {"state_dict": sd}.
     if isinstance(obj, dict):
@@ -92,13 +107,13 @@ def load_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
                 obj = obj[wrapper]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a SAM state dict "
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a {name} state dict "
                               "(a mapping of parameter names to tensors)")
     if not any(k.startswith("image_encoder.") for k in obj):
         first = ", ".join(list(obj)[:3])
-        raise CheckpointError(f"{path} is a PyTorch state dict but not a SAM one (no "
+        raise CheckpointError(f"{path} is a PyTorch state dict but not a {name} one (no "
                               f"image_encoder.* keys; it starts with: {first}); pass an official "
-                              "SAM checkpoint")
+                              f"{name} checkpoint")
     return obj
 
 
@@ -109,31 +124,51 @@ def build_sam(checkpoint: str | Path, model_type: str = "vit_h", device: str = "
     """
     from segment_anything import sam_model_registry  # heavy import: only when SAM is used
 
-    if model_type not in sam_model_registry:
-        raise ValueError(f"unknown SAM model type {model_type!r}: use one of "
-                         f"{sorted(k for k in sam_model_registry if k != 'default')}")
+    return build_checked(sam_model_registry, checkpoint, model_type, device)
+
+
+def build_checked(
+    registry: Mapping[str, Callable[[], torch.nn.Module]],
+    checkpoint: str | Path,
+    model_type: str,
+    device: str,
+    name: str = "SAM",
+    type_option: str | None = "--sam-type",
+    load: Callable[[str | Path], dict[str, torch.Tensor]] = load_state_dict,
+) -> torch.nn.Module:
+    """Build ``registry[model_type]()`` and load ``checkpoint`` into it strictly, on ``device``.
+
+    Shared by SAM and SAM-HQ (same encoder, same key names up to the decoder): ``name`` is the
+    family in messages, ``type_option`` the command-line option that sets the type (None: none),
+    ``load`` reads and pre-checks the file.
+    """
+    if model_type not in registry:
+        raise ValueError(f"unknown {name} model type {model_type!r}: use one of "
+                         f"{sorted(k for k in registry if k != 'default')}")
     dev = resolve_device(device)
-    state_dict = load_state_dict(checkpoint)
+    state_dict = load(checkpoint)
     detected = detect_model_type(state_dict)
     wanted = "vit_h" if model_type == "default" else model_type
     # Check the type before building: building vit_h just to fail takes seconds and GBs.
     if detected is not None and detected != wanted:
-        raise CheckpointError(f"{checkpoint} is a SAM {detected} checkpoint but model type "
-                              f"{wanted} was asked for: pass model_type={detected!r} "
-                              f"(--sam-type {detected})")
-    model = sam_model_registry[model_type]()
+        option = f" ({type_option} {detected})" if type_option else ""
+        raise CheckpointError(f"{checkpoint} is a {name} {detected} checkpoint but model type "
+                              f"{wanted} was asked for: pass model_type={detected!r}{option}")
+    model = registry[model_type]()
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         missing = [k for k in model.state_dict() if k not in state_dict]
         unexpected = [k for k in state_dict if k not in model.state_dict()]
         hint = (f"detected type: {detected}" if detected else
-                "its image encoder width matches no official SAM type")
+                f"its image encoder width matches no official {name} type")
+        other = ("it is a SAM-HQ checkpoint (mask_decoder.hf_token.* keys): load it with the SAM-HQ "
+                 "refiner (sam-hq)" if name == "SAM" and is_sam_hq(state_dict) else
+                 "other SAM variants need their own loader")
         raise CheckpointError(
-            f"{checkpoint} does not match SAM {wanted} ({hint}; {len(missing)} missing keys "
+            f"{checkpoint} does not match {name} {wanted} ({hint}; {len(missing)} missing keys "
             f"e.g. {missing[:2]}, {len(unexpected)} unexpected e.g. {unexpected[:2]}, or "
-            "shape mismatches). Pass the official SAM checkpoint of that type; SAM-HQ and "
-            "other variants need their own loader") from e
+            f"shape mismatches). Pass the official {name} checkpoint of that type; {other}") from e
     return model.to(dev).eval()
 
 
@@ -148,27 +183,55 @@ class SamRefiner:
         prior_prompt: str = "none",
         cache_size: int = 4,
     ) -> None:
-        model = build_sam(checkpoint, model_type, device)
+        model = self._build_model(checkpoint, model_type, device)
         self._setup(model, prior_prompt, cache_size)
 
     @classmethod
     def from_model(
-        cls, model: torch.nn.Module, device: str = "cpu", prior_prompt: str = "none",
+        cls: type[_R], model: torch.nn.Module, device: str = "cpu", prior_prompt: str = "none",
         cache_size: int = 4,
-    ) -> "SamRefiner":
+    ) -> _R:
         """Wrap an already-built ``segment_anything.modeling.Sam`` (moved to ``device``)."""
         self = cls.__new__(cls)
         self._setup(model.to(resolve_device(device)).eval(), prior_prompt, cache_size)
         return self
 
-    def _setup(self, model: torch.nn.Module, prior_prompt: str, cache_size: int) -> None:
+    # The hooks below are what a SAM variant with SAM's predictor interface (SAM-HQ, SAM 2) changes.
+
+    @staticmethod
+    def _build_model(checkpoint: str | Path, model_type: str, device: str) -> torch.nn.Module:
+        return build_sam(checkpoint, model_type, device)
+
+    def _new_predictor(self, model: torch.nn.Module) -> Any:
         from segment_anything import SamPredictor
 
+        return SamPredictor(model)
+
+    def _capture(self) -> _Embedding:
+        """What set_image left in the predictor, to be cached."""
+        p = self.predictor
+        return _Embedding(p.features, tuple(p.original_size), tuple(p.input_size))
+
+    def _restore(self, emb: _Embedding) -> None:
+        """Put a cached frame back into the predictor, as if set_image had just run on it."""
+        p = self.predictor
+        p.features, p.original_size, p.input_size = emb.features, emb.original_size, emb.input_size
+        p.is_image_set = True
+
+    def _predict_options(self) -> dict[str, Any]:
+        """Extra keyword arguments of the predictor's predict()."""
+        return {}
+
+    def _encode(self, frame: np.ndarray) -> None:
+        """Run the image encoder on an RGB frame, leaving its embedding in the predictor."""
+        self.predictor.set_image(frame, image_format="RGB")
+
+    def _setup(self, model: torch.nn.Module, prior_prompt: str, cache_size: int) -> None:
         if prior_prompt not in PRIOR_PROMPTS:
             raise ValueError(f"prior_prompt must be one of {PRIOR_PROMPTS}, got {prior_prompt!r}")
         self.model = model
         self.prior_prompt = prior_prompt
-        self.predictor = SamPredictor(model)
+        self.predictor = self._new_predictor(model)
         self._cache: FrameCache[_Embedding] = FrameCache(cache_size)
         # One SamPredictor holds one image at a time: setting a frame and predicting on it is one
         # critical section, or another thread's frame slips in between (web threads and a job
@@ -183,15 +246,11 @@ class SamRefiner:
 
     def _set_frame(self, frame: np.ndarray, frame_id: FrameRef | None) -> None:
         """Put the frame's embedding into the predictor, computing it only on a cache miss."""
-        p = self.predictor
-
         def encode() -> _Embedding:
-            p.set_image(frame, image_format="RGB")
-            return _Embedding(p.features, tuple(p.original_size), tuple(p.input_size))
+            self._encode(frame)
+            return self._capture()
 
-        emb = self._cache.get(frame_key(frame, frame_id), encode)
-        p.features, p.original_size, p.input_size = emb.features, emb.original_size, emb.input_size
-        p.is_image_set = True
+        self._restore(self._cache.get(frame_key(frame, frame_id), encode))
 
     def _mask_input(self, prior: np.ndarray) -> np.ndarray:
         """The prior as SAM's (1, 256, 256) mask-input logits, in the padded model frame."""
@@ -249,6 +308,6 @@ class SamRefiner:
             mask_input = self._mask_input(prior) if use_prior == "mask" else None
             masks, scores, _ = self.predictor.predict(
                 point_coords=coords, point_labels=labels, box=box_arr, mask_input=mask_input,
-                multimask_output=single_click)
+                multimask_output=single_click, **self._predict_options())
         best = int(np.argmax(scores)) if single_click else 0
         return np.asarray(masks[best], dtype=bool)
