@@ -219,6 +219,8 @@ def cmd_weights_download(a: argparse.Namespace) -> int:
         path = weights.download_xmem(a.variant, a.dir, a.url, progress=not a.quiet)
     elif a.model == "sam-hq":
         path = weights.download_sam_hq(a.type, a.dir, a.url, progress=not a.quiet)
+    elif a.model == "sam2":
+        path = weights.download_sam2(a.type, a.dir, a.url, progress=not a.quiet)
     else:
         path = weights.download_sam(a.type, a.dir, a.url, progress=not a.quiet)
     print(path)
@@ -226,20 +228,24 @@ def cmd_weights_download(a: argparse.Namespace) -> int:
 
 
 def _weights_parser(sub: argparse._SubParsersAction) -> None:
-    from .weights import SAM_FILES, SAM_HQ_FILES, XMEM_VARIANTS
+    from .weights import SAM2_SIZES, SAM_FILES, SAM_HQ_FILES, XMEM_VARIANTS
 
     p = sub.add_parser("weights", help="manage model checkpoints")
     wsub = p.add_subparsers(dest="weights_command", required=True)
     d = wsub.add_parser("download", help="download an official checkpoint (resumable, checked by loading it)")
     msub = d.add_subparsers(dest="model", required=True)
     for name, help_ in (("xmem", "XMem release v1.0 checkpoint"), ("sam", "Segment Anything checkpoint"),
-                        ("sam-hq", "SAM-HQ checkpoint (the Lazy-XMem paper's refiner: vit_l)")):
+                        ("sam-hq", "SAM-HQ checkpoint (the Lazy-XMem paper's refiner: vit_l)"),
+                        ("sam2", "SAM 2.1 checkpoint (the sam2 propagator and refiner)")):
         m = msub.add_parser(name, help=help_)
         if name == "xmem":
             m.add_argument("--variant", choices=XMEM_VARIANTS, default="XMem", help="which XMem weights (default XMem)")
         elif name == "sam-hq":
             m.add_argument("--type", choices=tuple(SAM_HQ_FILES), default="vit_l",
                            help="SAM-HQ model type (default vit_l, the paper's)")
+        elif name == "sam2":
+            m.add_argument("--type", choices=tuple(SAM2_SIZES), default="tiny",
+                           help="SAM 2.1 model (default tiny, the fastest; large is the most accurate)")
         else:
             m.add_argument("--type", choices=tuple(SAM_FILES), default="vit_h", help="SAM model type (default vit_h)")
         m.add_argument("--dir", default=None, help="target folder (default: MODEL_DIR or ./models)")

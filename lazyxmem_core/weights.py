@@ -24,6 +24,9 @@ XMEM_VARIANTS = ("XMem", "XMem-s012", "XMem-no-sensory")
 SAM_FILES = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_b": "sam_vit_b_01ec64.pth"}
 SAM_HQ_URL = "https://huggingface.co/lkeab/hq-sam/resolve/main"  # SAM-HQ's authors' release (SysCV/sam-hq)
 SAM_HQ_FILES = {"vit_b": "sam_hq_vit_b.pth", "vit_l": "sam_hq_vit_l.pth", "vit_h": "sam_hq_vit_h.pth"}
+SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"  # SAM 2.1 (the file names: sam2.model.SAM2_TYPES)
+# Bytes of the official SAM 2.1 files: a download of another size from there is not the release.
+SAM2_SIZES = {"tiny": 156_008_466, "small": 184_416_285, "base_plus": 323_606_802, "large": 898_083_611}
 URL_ENV = "LAZYXMEM_WEIGHTS_URL"  # a mirror (base URL) for both kinds, e.g. for tests or air-gapped sites
 TIMEOUT_S = 30.0  # connect / read timeout: a stalled server must not hang the command
 CHUNK = 1 << 20
@@ -184,11 +187,41 @@ def _check_sam_layout(path: str | Path, sd: dict[str, Any], model_type: str,
         raise CheckpointError(f"{path} is a {name} {detected} checkpoint, not {model_type}")
     with torch.device("meta"):  # the model's key names and shapes, without allocating its weights
         expected = reference()
+    _compare_layout(path, sd, expected, f"{name} {model_type}")
+
+
+def _compare_layout(path: str | Path, sd: dict[str, Any], expected: dict[str, Any], what: str,
+                    extra_ok: bool = True) -> None:
+    """``sd`` has every key of ``expected`` with its shape (and, unless ``extra_ok``, no other key)."""
     missing = [k for k in expected if k not in sd]
     wrong = [k for k, v in expected.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    if missing or wrong:
-        raise CheckpointError(f"{path} does not match {name} {model_type}: {len(missing)} missing keys "
-                              f"(e.g. {missing[:2]}), {len(wrong)} with other shapes (e.g. {wrong[:2]})")
+    extra = [] if extra_ok else [k for k in sd if k not in expected]
+    if missing or wrong or extra:
+        more = f", {len(extra)} unexpected (e.g. {extra[:2]})" if extra else ""
+        raise CheckpointError(f"{path} does not match {what}: {len(missing)} missing keys "
+                              f"(e.g. {missing[:2]}), {len(wrong)} with other shapes (e.g. {wrong[:2]}){more}")
+
+
+def check_sam2(path: str | Path, sam2_type: str = "tiny", expected_size: int | None = None) -> None:
+    """Check ``path`` is a complete official SAM 2.1 ``sam2_type`` checkpoint: its size (when
+    ``expected_size`` is given), its form, its type and every key and shape, as a strict load needs."""
+    from .sam2.model import build_model, check_type, detect_type, load_state_dict
+
+    check_type(sam2_type)
+    size = Path(path).stat().st_size
+    if expected_size is not None and size != expected_size:
+        # Cheap, and before reading up to 900 MB: a truncated or foreign file says so at once.
+        raise CheckpointError(f"{path} has {size} bytes but the official SAM 2.1 {sam2_type} checkpoint has "
+                              f"{expected_size}: the download is incomplete or is another file")
+    sd = load_state_dict(path)  # refuses a SAM 1 file or a foreign dict by name
+    detected = detect_type(sd)
+    if detected != sam2_type:
+        what = f"a SAM 2.1 {detected}" if detected else "a SAM 2-like checkpoint of no official type"
+        raise CheckpointError(f"{path} is {what} checkpoint, not {sam2_type}")
+    # On the CPU, not the meta device: Hiera's constructor reads tensor values (.item()), which
+    # meta tensors have not. Building large takes seconds, far less than downloading it.
+    expected = build_model(sam2_type).state_dict()
+    _compare_layout(path, sd, expected, f"SAM 2.1 {sam2_type}", extra_ok=False)
 
 
 def download_xmem(variant: str = "XMem", directory: str | Path | None = None, url: str | None = None,
@@ -217,3 +250,17 @@ def download_sam_hq(model_type: str = "vit_l", directory: str | Path | None = No
     filename = SAM_HQ_FILES[model_type]
     return ensure(filename, file_url(filename, SAM_HQ_URL, url), lambda p: check_sam_hq(p, model_type), directory,
                   progress)
+
+
+def download_sam2(sam2_type: str = "tiny", directory: str | Path | None = None, url: str | None = None,
+                  progress: bool = True) -> Path:
+    """Fetch (or find) the official SAM 2.1 checkpoint of ``sam2_type``; returns its path."""
+    if sam2_type not in SAM2_SIZES:
+        raise ValueError(f"unknown SAM 2.1 type {sam2_type!r}: use one of {', '.join(SAM2_SIZES)}")
+    from .sam2.model import SAM2_TYPES
+
+    filename = SAM2_TYPES[sam2_type][1]
+    source = file_url(filename, SAM2_URL, url)
+    # The sizes are the release's: a mirror is checked by loading alone.
+    size = SAM2_SIZES[sam2_type] if source == f"{SAM2_URL}/{filename}" else None
+    return ensure(filename, source, lambda p: check_sam2(p, sam2_type, size), directory, progress)
