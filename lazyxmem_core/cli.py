@@ -42,6 +42,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner", choices=REFINERS, default=None, help="mask refiner (default: auto, or LAZYXMEM_REFINER)")
     p.add_argument("--sam-checkpoint", default=None, help="SAM checkpoint (.pth); default SAM_CHECKPOINT")
     p.add_argument("--sam-type", default=None, choices=("vit_b", "vit_l", "vit_h"), help="SAM model type (default vit_h)")
+    p.add_argument("--sam-hq-checkpoint", default=None, help="SAM-HQ checkpoint (.pth); default SAM_HQ_CHECKPOINT")
+    p.add_argument("--sam-hq-type", default=None, choices=("vit_b", "vit_l", "vit_h"), help="SAM-HQ type (default vit_l)")
+    p.add_argument("--sam2-checkpoint", default=None, help="SAM 2.1 checkpoint (.pt); default SAM2_CHECKPOINT")
+    p.add_argument("--sam2-type", default=None, choices=("tiny", "small", "base_plus", "large"),
+                   help="SAM 2.1 model (default: read from the checkpoint)")
+    p.add_argument("--sam2-image-size", type=int, default=None,
+                   help="SAM 2.1 input side (default 1024, as trained; 512 is about 4x faster)")
+    p.add_argument("--sam2-bf16", action="store_true", default=None, help="SAM 2.1 in bfloat16 autocast (CUDA only)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: DEVICE or cpu)")
 
 
@@ -106,7 +114,10 @@ def _lazy_config(a: argparse.Namespace, settings: EngineSettings) -> LazyConfig:
 
 def _settings(a: argparse.Namespace) -> EngineSettings:
     return EngineSettings.from_env(engine=a.engine, refiner=a.refiner, xmem_checkpoint=a.xmem_checkpoint,
-                                   sam_checkpoint=a.sam_checkpoint, sam_type=a.sam_type, device=a.device)
+                                   sam_checkpoint=a.sam_checkpoint, sam_type=a.sam_type, device=a.device,
+                                   sam_hq_checkpoint=a.sam_hq_checkpoint, sam_hq_type=a.sam_hq_type,
+                                   sam2_checkpoint=a.sam2_checkpoint, sam2_type=a.sam2_type,
+                                   sam2_image_size=a.sam2_image_size, sam2_bf16=a.sam2_bf16)
 
 
 def cmd_propagate(a: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ class LazyConfig:
     pseudo_idu: bool = False  # write pseudo-corrected frames to memory (lowers J&F in the paper)
     user: bool = True  # user corrections from the trigger
     idu: bool = True  # write user-corrected frames to memory at once
-    detect_loss: bool = False  # ask the user when an object's area collapses (not in the paper)
+    detect_loss: bool = False  # ask the user when an object is lost: its area collapses, or its presence score turns negative (not in the paper)
     loss_ratio: float = 0.2  # collapse = area below this fraction of the previous frame's area
     loss_min_area: int = 400  # ... for objects at least this big on the previous frame
     user_budget: int | None = None  # at most this many user requests per video (None: no limit)
@@ -132,6 +132,8 @@ class LazySession:
         self._snapshots: dict[int, tuple[Any, dict[str, Any]]] = {}
         self._prev_S: dict[int, float] = {}
         self._prev_area: dict[int, int] = {}
+        # label -> the propagator's own presence score on the previous frame (SAM 2's object score)
+        self._prev_present: dict[int, bool] = {}
         self._last_user: dict[int, int] = {}
         self._n_user = 0
         # label -> {frame: mask} where a human gave or corrected the object's mask (in frame order):
@@ -225,6 +227,9 @@ class LazySession:
             self.probs_hook(t, probs)
             t1 = time.perf_counter()
         labels = list(self.propagator.labels)
+        # A propagator that says whether each object is there (SAM 2's object score) blanks the
+        # mask of an absent object: its pixel entropy collapses and S cannot see the loss.
+        scores: dict[int, float] = getattr(self.propagator, "object_scores", None) or {}
         if probs.shape[0] != len(labels) + 1 or probs.shape[1:] != frame.shape[:2]:
             raise RuntimeError(
                 f"propagator returned probabilities of shape {probs.shape} for {len(labels)} objects "
@@ -250,7 +255,8 @@ class LazySession:
                 veto = True
             if label in given_labels:
                 continue
-            rec.decision = self._decide(t, label, u.S, dS, u.area)
+            vanished = label in scores and scores[label] <= 0 and self._prev_present.get(label, False)
+            rec.decision = self._decide(t, label, u.S, dS, u.area, vanished)
         lazy_seconds = time.perf_counter() - t1
 
         user_written = False
@@ -306,6 +312,8 @@ class LazySession:
             else:
                 self._prev_S[label] = rec.S
             self._prev_area[label] = rec.area
+            if label in scores:
+                self._prev_present[label] = scores[label] > 0 or label in given_labels
         self.records[t] = FrameRecord(
             index=t, packed=PackedMask.pack(output), objects=objects, written=bool(written), given=given is not None,
             seconds=(t1 - t0) + (t3 - t2), lazy_seconds=lazy_seconds,
@@ -368,7 +376,7 @@ class LazySession:
         finally:
             self.propagator.restore(state)
 
-    def _decide(self, t: int, label: int, S: float, dS: float | None, area: int) -> Decision:
+    def _decide(self, t: int, label: int, S: float, dS: float | None, area: int, vanished: bool = False) -> Decision:
         cfg = self.config
         if t in self.forced_user:
             if label in self.forced_user[t]:
@@ -384,6 +392,8 @@ class LazySession:
             if cfg.user and run >= cfg.level_run * 2 ** asked and self._user_allowed(t, label):
                 self._level_asks[label] = asked + 1
                 return self._count_user(t, label)
+        if cfg.detect_loss and vanished and self._user_allowed(t, label):
+            return self._count_user(t, label)  # the propagator itself says the object just went
         prev_area = self._prev_area.get(label, 0)
         if (cfg.detect_loss and prev_area >= cfg.loss_min_area and area < cfg.loss_ratio * prev_area
                 and self._user_allowed(t, label)):
@@ -451,19 +461,20 @@ class LazySession:
     # -- state kept for deferred corrections -------------------------------------------------
     def _controller_state(self) -> dict[str, Any]:
         return {"prev_S": dict(self._prev_S), "prev_area": dict(self._prev_area),
-                "last_user": dict(self._last_user), "n_user": self._n_user, "high_run": dict(self._high_run),
+                "prev_present": dict(self._prev_present), "last_user": dict(self._last_user), "n_user": self._n_user, "high_run": dict(self._high_run),
                 "level_asks": dict(self._level_asks)}
 
     def _restore_controller(self, state: dict[str, Any]) -> None:
         self._prev_S = dict(state["prev_S"])
         self._prev_area = dict(state["prev_area"])
+        self._prev_present = dict(state["prev_present"])
         self._last_user = dict(state["last_user"])
         self._n_user = state["n_user"]
         self._high_run = dict(state["high_run"])
         self._level_asks = dict(state["level_asks"])
 
     def _reset_controller(self) -> None:
-        self._restore_controller({"prev_S": {}, "prev_area": {}, "last_user": {}, "n_user": 0, "high_run": {}, "level_asks": {}})
+        self._restore_controller({"prev_S": {}, "prev_area": {}, "prev_present": {}, "last_user": {}, "n_user": 0, "high_run": {}, "level_asks": {}})
 
     def _periodic(self, t: int) -> bool:
         return t == self.start or (t - self.start) % max(1, self.config.snapshot_every) == 0

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = {"PORT", "WORKERS", "THREADS"}
 # Read by the code but not a deployment setting.
 NOT_DEPLOYMENT = {"LAZYXMEM_DATA": "benchmark data folder"}
-READS = re.compile(r"""(?:os\.environ(?:\.get)?\(\s*|os\.environ\[\s*|_env_float\(\s*|_env_bool\(\s*|opt\(\s*)["']([A-Z][A-Z0-9_]+)["']""")
+READS = re.compile(r"""(?:os\.environ(?:\.get)?\(\s*|os\.environ\[\s*|_env_float\(\s*|_env_bool\(\s*|_env_int\(\s*|opt\(\s*)["']([A-Z][A-Z0-9_]+)["']""")
 
 
 def code_variables() -> set[str]:

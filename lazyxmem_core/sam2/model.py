@@ -139,7 +139,17 @@ def load_checkpoint(checkpoint: str | Path, sam2_type: str | None = None, image_
         first = str(e).splitlines()
         raise CheckpointError(f"{checkpoint} does not match SAM 2.1 {sam2_type}: {' '.join(first[:2])[:400]}; "
                               "pass the official sam2.1_hiera_*.pt file of that type") from e
-    return model.to(torch.device(device)).eval()
+    return model.to(resolve_device(device)).eval()
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise LazyXMemError(f"unknown device {device!r}: use cpu or cuda") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LazyXMemError(f"device {device} was asked for (DEVICE / --device) but CUDA is not available: use cpu")
+    return dev
 
 
 _MODELS: dict[tuple, torch.nn.Module] = {}
