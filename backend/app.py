@@ -58,8 +58,11 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
     model = Service(settings or BackendSettings.from_env())
     app.config["model"] = model
     settings = model.settings.engine
+    # The hint is for an `auto` that fell back to the embedded engine, not for SAM 2 (which needs
+    # no XMem checkpoint) nor for an embedded engine asked for by name.
+    fell_back = settings.engine == "auto" and propagator_name(settings) == "embedded"
     log.info("lazyxmem %s: engine %s, refiner %s%s", __version__, propagator_name(settings), refiner_name(settings),
-             "" if settings.xmem_checkpoint else " (no XMEM_CHECKPOINT: the embedded no-weights engine)")
+             " (no XMEM_CHECKPOINT or SAM2_CHECKPOINT: the embedded no-weights engine)" if fell_back else "")
     auth_user, auth_pass = model.settings.basic_auth_user, model.settings.basic_auth_pass
     started = time.time()
     counters = {"requests": 0, "errors": 0}

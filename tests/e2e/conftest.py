@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from ls_harness import (Backend, LabelStudio, start_backend, start_label_studio,  # noqa: E402
+from ls_harness import (Backend, LabelStudio, serving_backend, start_label_studio,  # noqa: E402
                         stop_process)
 
 
@@ -41,11 +41,8 @@ def label_studio(e2e_dir: Path) -> Iterator[LabelStudio]:
 
 @pytest.fixture(scope="session")
 def backend_server(label_studio: LabelStudio, e2e_dir: Path) -> Iterator[Backend]:
-    backend = start_backend(label_studio, e2e_dir)
-    try:
+    with serving_backend(label_studio, e2e_dir) as backend:
         yield backend
-    finally:
-        stop_process(backend.proc)
 
 
 @pytest.fixture

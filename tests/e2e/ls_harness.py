@@ -254,6 +254,17 @@ def start_backend(ls: LabelStudio, base: Path, extra_env: dict[str, str] | None 
     return Backend(url, user, password, f"http://{user}:{password}@127.0.0.1:{port}", log, proc)
 
 
+@contextmanager
+def serving_backend(ls: LabelStudio, base: Path, extra_env: dict[str, str] | None = None) -> Iterator[Backend]:
+    """:func:`start_backend` for a fixture's ``with`` block: the backend (its whole process
+    group) is stopped when the block ends, however it ends. ``extra_env`` picks the engines."""
+    backend = start_backend(ls, base, extra_env)
+    try:
+        yield backend
+    finally:
+        stop_process(backend.proc)
+
+
 # --- Label Studio set-up helpers (SDK 2.x) ---------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import time
 import cv2
 import numpy as np
 import pytest
+from label_studio_sdk.converter.brush import mask2rle
 
 from ls_harness import Backend, LabelStudio, add_local_storage, create_project, import_tasks, local_file_url, \
     retrieve_predictions
@@ -59,6 +60,26 @@ def box_start(k: int, clip) -> dict:
                       "height": 100 * (h + 4) / H, "rotation": 0, "rectanglelabels": ["Object"]}}
 
 
+def brush(mask: np.ndarray) -> dict:
+    """A painted object: ``mask`` exactly, as Label Studio stores a brush region (RLE)."""
+    rle = mask2rle(mask.astype(np.uint8) * 255)
+    return {"from_name": "mask", "type": "brushlabels",
+            "value": {"format": "rle", "rle": rle, "brushlabels": ["Object"]}}
+
+
+def brush_start(k: int, clip) -> dict:
+    """``import_scenes``' start region: the scene's object painted on item 0."""
+    return brush(clip.masks[0])
+
+
+def keypoint(t: int, mask: np.ndarray) -> dict:
+    """A positive smart-keypoint click at the centre of ``mask`` on item ``t``, as the editor sends it."""
+    ys, xs = np.nonzero(mask)
+    return {"from_name": "clicks", "to_name": "frames", "type": "keypointlabels", "item_index": t,
+            "is_positive": True, "original_width": W, "original_height": H,
+            "value": {"x": 100 * xs.mean() / W, "y": 100 * ys.mean() / H, "width": 0.5, "keypointlabels": ["Object"]}}
+
+
 def own_best(mask: np.ndarray, masks: list[np.ndarray], k: int, what: str) -> float:
     ious = [mask_iou(mask, m) for m in masks]
     assert ious[k] > 0.5 and ious[k] == max(ious) and sorted(ious)[-2] < ious[k], f"{what}: IoUs {ious}"
@@ -97,11 +118,7 @@ def test_tasks_of_one_size_in_one_project_each_get_their_own_masks(label_studio:
     # The reviewer alternates between the first two tasks.
     latencies = []
     for k, t in [(0, 5), (1, 5), (0, 11), (1, 9)]:
-        ys, xs = np.nonzero(scenes[k].masks[t])
-        click = {"from_name": "clicks", "to_name": "frames", "type": "keypointlabels", "item_index": t,
-                 "is_positive": True, "original_width": W, "original_height": H,
-                 "value": {"x": 100 * xs.mean() / W, "y": 100 * ys.mean() / H, "width": 0.5,
-                           "keypointlabels": ["Object"]}}
+        click = keypoint(t, scenes[k].masks[t])
         s = time.perf_counter()
         r = ls.api("POST", f"/api/ml/{ml_id}/interactive-annotating", json={"task": ids[k], "context": {"result": [click]}})
         latencies.append(time.perf_counter() - s)
