@@ -355,6 +355,20 @@ def retrieve_predictions(ls: LabelStudio, project_id: int, task_ids: list[int] |
     return r.json()
 
 
+def interactive_click(ls: LabelStudio, ml_id: int, task_id: int, click: dict, timing: str | None = None,
+                      timeout: float = 120) -> tuple[list[dict], float]:
+    """A smart-tool region sent as Label Studio's editor sends it (``interactive-annotating``):
+    the answer's result list (checked to be an answer, not an error) and the seconds it took."""
+    s = time.perf_counter()
+    r = ls.api("POST", f"/api/ml/{ml_id}/interactive-annotating", timeout=timeout,
+               json={"task": task_id, "context": {"result": [click]}})
+    seconds = time.perf_counter() - s
+    if timing:
+        print(f"\n[e2e timing] {timing}: {seconds:.1f}")
+    assert r.status_code == 200 and "errors" not in r.json(), r.text[:300]
+    return r.json()["data"]["result"], seconds
+
+
 @dataclass
 class VideoProject:
     project_id: int

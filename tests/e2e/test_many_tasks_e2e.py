@@ -15,7 +15,7 @@ import pytest
 from label_studio_sdk.converter.brush import mask2rle
 
 from ls_harness import Backend, LabelStudio, add_local_storage, create_project, import_tasks, local_file_url, \
-    retrieve_predictions
+    interactive_click, retrieve_predictions
 from test_backend_e2e import IMAGES_XML, brush_mask, connect, mask_iou, vanishing_clip, wait_predictions
 
 pytestmark = pytest.mark.e2e
@@ -119,11 +119,8 @@ def test_tasks_of_one_size_in_one_project_each_get_their_own_masks(label_studio:
     latencies = []
     for k, t in [(0, 5), (1, 5), (0, 11), (1, 9)]:
         click = keypoint(t, scenes[k].masks[t])
-        s = time.perf_counter()
-        r = ls.api("POST", f"/api/ml/{ml_id}/interactive-annotating", json={"task": ids[k], "context": {"result": [click]}})
-        latencies.append(time.perf_counter() - s)
-        assert r.status_code == 200 and "errors" not in r.json(), r.text[:300]
-        result = r.json()["data"]["result"]
+        result, seconds = interactive_click(ls, ml_id, ids[k], click)
+        latencies.append(seconds)
         assert [x["item_index"] for x in result] == [t], result
         own_best(brush_mask(result[0]), [c.masks[t] for c in scenes], k, f"answer on task {ids[k]} item {t}")
     print(f"[e2e timing] interactive_click_{W}x{H}_s: median {np.median(latencies):.3f}, max {max(latencies):.3f}")

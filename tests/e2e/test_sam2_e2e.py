@@ -20,7 +20,8 @@ import cv2
 import pytest
 import requests
 
-from ls_harness import Backend, LabelStudio, backend_log_since, retrieve_predictions, serving_backend, wait_for_log
+from ls_harness import (Backend, LabelStudio, backend_log_since, interactive_click, retrieve_predictions, serving_backend,
+                        wait_for_log)
 from test_backend_e2e import brush_mask, connect, has_result, mask_iou, wait_predictions
 from test_many_tasks_e2e import H, W, brush, brush_start, clips, import_scenes, keypoint
 
@@ -100,12 +101,7 @@ def test_sam2_engine_preannotates_answers_clicks_and_repropagates(label_studio: 
 
     # 2. A click on a later item, through Label Studio's interactive endpoint.
     click = keypoint(CLICKED, scene.masks[CLICKED])
-    s = time.perf_counter()
-    r = ls.api("POST", f"/api/ml/{ml_id}/interactive-annotating", timeout=180,
-               json={"task": task_id, "context": {"result": [click]}})
-    print(f"[e2e timing] sam2_tiny_1024_cpu_click_s: {time.perf_counter() - s:.1f}")
-    assert r.status_code == 200 and "errors" not in r.json(), r.text[:300]
-    result = r.json()["data"]["result"]
+    result, _ = interactive_click(ls, ml_id, task_id, click, "sam2_tiny_1024_cpu_click_s", timeout=180)
     assert [(x["type"], x["item_index"]) for x in result] == [("brushlabels", CLICKED)], result
     answer = brush_mask(result[0])
     # The same pixel the backend clicks (backend/convert.py: percent of the width and height).

@@ -12,7 +12,6 @@ so that propagation never calls SAM.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ls_harness import Backend, LabelStudio, retrieve_predictions, start_backend, stop_process
+from ls_harness import Backend, LabelStudio, interactive_click, retrieve_predictions, start_backend, stop_process
 from test_backend_e2e import brush_mask, connect, mask_iou, wait_predictions
 from test_many_tasks_e2e import H, W, clips, import_scenes
 
@@ -76,12 +75,7 @@ def test_sam_answers_each_task_from_its_own_frame(label_studio: LabelStudio, sam
     answers = []
     for k in (0, 1, 0, 1):
         task_id = ids[k]
-        s = time.perf_counter()
-        r = ls.api("POST", f"/api/ml/{ml_id}/interactive-annotating", timeout=120,
-                   json={"task": task_id, "context": {"result": [click]}})
-        print(f"\n[e2e timing] sam_vit_b_cpu_click_s: {time.perf_counter() - s:.1f}")
-        assert r.status_code == 200 and "errors" not in r.json(), r.text[:300]
-        result = r.json()["data"]["result"]
+        result, _ = interactive_click(ls, ml_id, task_id, click, "sam_vit_b_cpu_click_s")
         assert [x["item_index"] for x in result] == [t], result
         answers.append(brush_mask(result[0]))
 
