@@ -141,8 +141,13 @@ class ProgressMeter:
         return round(self.done / max(1e-6, time.time() - self.started), 2)
 
     def __call__(self, n: int) -> None:
+        # A correction re-propagates frames nobody counted up front (forward and backward): the
+        # total follows the work instead of showing more done than there is, and the meter keeps
+        # its once-a-second / every-5-s rhythm rather than reporting every frame as the last.
+        last = self.done < self.total <= self.done + n
         self.done += n
-        now, last = time.time(), self.done >= self.total
+        self.total = max(self.total, self.done)
+        now = time.time()
         if self.publish is not None and (now - self._published >= 1.0 or last):
             self.publish({"done": self.done, "total": self.total, "fps": self.fps})
             self._published = now

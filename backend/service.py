@@ -175,7 +175,7 @@ class Service:
         state = self.tasks.held_or_build(task_id, lambda: self.build(task, cfg))
         if state is None:
             raise TaskError(f"task {task_id} has no region to start from: draw the objects first")
-        if progress is not None and hasattr(progress, "total"):
+        if progress is not None and hasattr(progress, "total") and state.session.remaining:
             progress.total = state.session.remaining  # known only now in a worker
         try:
             self.propagate(state, progress)

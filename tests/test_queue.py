@@ -358,3 +358,22 @@ def test_view_store_keeps_the_latest_jobs_view(redis_url):
     assert store.get(task, "v2") is None, "another model version is another entry"
     edited = {**task, "annotations": [{"id": 1, "result": [{"id": "r9"}]}]}
     assert store.get(edited, "v1") is None, "changed initial regions are another entry"
+
+
+def test_progress_meter_total_follows_uncounted_work():
+    """A correction on a propagated task starts with nothing 'remaining' (total 0) and then
+    re-propagates frames: the meter never shows more done than total, and does not publish
+    every frame as if each were the last."""
+    from backend.jobs import ProgressMeter
+
+    published: list[dict] = []
+    meter = ProgressMeter("job", 7, total=0, publish=published.append)
+    for _ in range(8):
+        meter(1)
+    assert (meter.done, meter.total) == (8, 8)
+    assert len(published) == 1 and all(p["done"] <= p["total"] for p in published)
+    counted: list[dict] = []
+    meter = ProgressMeter("job", 7, total=5, publish=counted.append)
+    for _ in range(5):
+        meter(1)
+    assert [p["done"] for p in counted] == [1, 5]  # the first second's report, then the last frame
