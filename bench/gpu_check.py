@@ -1,11 +1,14 @@
-"""The CUDA paths on a GPU host: XMem fp32 / AMP against the CPU, speed, memory; SAM; a Lazy run.
+"""The CUDA paths on a GPU host: XMem fp32 / AMP against the CPU, speed, memory; SAM; a Lazy run;
+SAM 2.1 against the official predictor.
 
-    python bench/gpu_check.py --seqs DIR [--xmem-checkpoint XMem.pth] [--sam-checkpoint sam.pth
-        --sam-type vit_b] [--frames 30] [--long 4000] [--only STEP ...] [--out report.json]
+    python bench/gpu_check.py [--seqs DIR] [--xmem-checkpoint XMem.pth] [--sam-checkpoint sam.pth
+        --sam-type vit_b] [--sam2-checkpoint sam2.1_hiera_tiny.pt] [--frames 30] [--long 4000]
+        [--only STEP ...] [--no-sam2] [--out report.json]
 
-DIR holds DAVIS-layout sequences (<seq>/frames/*.jpg, <seq>/masks/*.png): the one with the most
-objects on its first annotated frame is used for XMem, the first with a mask on every frame for
-SAM and the Lazy run. Without checkpoints the weights are random in the
+DIR holds DAVIS-layout sequences (<seq>/frames/*.jpg, <seq>/masks/*.png); default
+$LAZYXMEM_DATA/davis2016 (LAZYXMEM_DATA defaults to ../shared/data beside the repo). The one with
+the most objects on its first annotated frame is used for XMem and SAM 2, the first with a mask
+on every frame for SAM and the Lazy run. Without checkpoints the weights are random in the
 official layouts (saved to a temporary folder and loaded through the real loaders), so the
 masks mean nothing but every number below is about the CUDA code paths themselves:
 
@@ -21,11 +24,22 @@ masks mean nothing but every number below is about the CUDA code paths themselve
    mask agreement with the same refine on the CPU.
 6. The whole Lazy loop (evaluation.run_sequence) on CUDA with XMem + SAM and the TP robot,
    with user corrections forced on two frames.
+7. SAM 2.1 (``--sam2-checkpoint``, else random tiny weights, the same for both sides) at
+   ``--sam2-size`` (1024): our SAM2Propagator in fp32 and in bf16 autocast, and the official
+   SAM2VideoPredictor driven the usual way (init_state on the frames as JPEGs, add_new_mask per
+   object, propagate_in_video) in fp32 and bf16 autocast, on the first ``--sam2-frames`` frames.
+   Median ms/frame after 2 warm-up frames, peak GPU memory, and the max |logit difference|
+   between ours and the official per precision (fp32 is the parity figure). Skipped with
+   --no-sam2, or when the sam2 package is not installed (unless asked for with --only sam2).
+   Without a GPU, ``--device cpu --sam2-size 256 --sam2-frames 4 --only sam2`` smoke-tests it.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -44,6 +58,7 @@ from lazyxmem_core.types import Click  # noqa: E402
 from lazyxmem_core.xmem import XMemConfig, XMemPropagator  # noqa: E402
 from lazyxmem_core.xmem.random_weights import save_random_checkpoint  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 
 DEV = "cuda"  # --device cpu: a smoke test of this script without a GPU
 
@@ -230,16 +245,161 @@ def lazy_check(xmem: str, sam: str, sam_type: str, seq: EvalSequence, report: di
     print("lazy", json.dumps(report["lazy_cuda"]), flush=True)
 
 
+def sam2_checks(ckpt: str | None, sam2_type: str | None, size: int, seq: EvalSequence | None, n: int,
+                report: dict) -> None:
+    from PIL import Image
+
+    from lazyxmem_core.sam2.model import VIDEO_PREDICTOR_CLASS, build_model, load_checkpoint
+    from lazyxmem_core.sam2.propagator import SAM2Config, SAM2Propagator
+
+    if ckpt:
+        ours_model = load_checkpoint(ckpt, sam2_type, size, DEV)
+        off = load_checkpoint(ckpt, sam2_type, size, DEV, target=VIDEO_PREDICTOR_CLASS)
+    else:
+        sam2_type = sam2_type or "tiny"
+        ours_model = build_model(sam2_type, size, seed=0).to(DEV)
+        off = build_model(sam2_type, size, target=VIDEO_PREDICTOR_CLASS)
+        off.load_state_dict(ours_model.state_dict(), strict=True)
+        off = off.to(DEV).eval()
+    tmp = Path(tempfile.mkdtemp(prefix="gpu_check_sam2_"))
+    try:
+        # The official loader reads a folder of <index>.jpg: the sequence's first annotated frame
+        # and the next ones are copied (re-encoded only when not JPEG), and ours decodes the same
+        # files the same way (PIL), so both sides see identical pixels.
+        if seq is not None:
+            start = min(seq.initial_masks())
+            given = seq.initial_masks()[start]
+            files = seq.frames.files[start:start + n]
+            for i, f in enumerate(files):
+                if f.suffix.lower() in (".jpg", ".jpeg"):
+                    shutil.copyfile(f, tmp / f"{i:05d}.jpg")
+                else:
+                    Image.open(f).convert("RGB").save(tmp / f"{i:05d}.jpg", quality=95)
+            name = seq.name
+        else:  # no data: a disc moving on a gradient
+            h, w = 480, 854
+            grad = np.linspace(40, 200, w, dtype=np.float32)[None, :, None].repeat(h, 0).repeat(3, 2)
+            for i in range(n):
+                f = grad.astype(np.uint8).copy()
+                cv2.circle(f, (200 + 8 * i, 240), 90, (220, 40, 40), -1)
+                Image.fromarray(f).save(tmp / f"{i:05d}.jpg", quality=95)
+            given = np.zeros((h, w), np.uint8)
+            cv2.circle(given, (200, 240), 90, 1, -1)
+            name = "synthetic"
+        jpgs = sorted(tmp.glob("*.jpg"))
+        frames = [np.asarray(Image.open(p).convert("RGB")) for p in jpgs]
+        hw = frames[0].shape[:2]
+        labels = sorted(int(v) for v in np.unique(given) if v not in (0, 255))
+        given = np.where(np.isin(given, labels), given, 0).astype(np.uint8)
+
+        def peak_start() -> None:
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+
+        def peak() -> float:
+            return round(torch.cuda.max_memory_allocated() / 2**20, 1) if DEV == "cuda" else 0.0
+
+        def run_ours(bf16: bool) -> tuple[list[torch.Tensor], list[float], float]:
+            peak_start()
+            prop = SAM2Propagator(ours_model, SAM2Config(image_size=size, bf16=bf16), video_length=len(frames))
+            logits, ms = [], []
+            for t, f in enumerate(frames):
+                sync()
+                t0 = time.perf_counter()
+                prop.step(f, given if t == 0 else None)
+                sync()
+                t1 = time.perf_counter()
+                # The pending step's per-object logits at the video's size, as the official
+                # yields them; read outside the timed part (a check, not an API).
+                low = torch.cat([prop._pending.outs[k]["pred_masks"].float() for k in prop.labels])
+                logits.append(torch.nn.functional.interpolate(low, size=hw, mode="bilinear",
+                                                              align_corners=False)[:, 0].cpu())
+                t2 = time.perf_counter()
+                prop.commit()
+                sync()
+                ms.append(1000 * (t1 - t0 + time.perf_counter() - t2))
+            return logits, ms, peak()
+
+        def run_official(bf16: bool) -> tuple[list[torch.Tensor], list[float], float]:
+            peak_start()
+            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast(DEV, enabled=False)
+            with torch.inference_mode(), ctx:
+                state = off.init_state(str(tmp))
+                for k in labels:
+                    off.add_new_mask(state, 0, k, given == k)
+                logits, ms = [], []
+                gen = off.propagate_in_video(state)
+                for _ in frames:
+                    sync()
+                    t0 = time.perf_counter()
+                    _, _, out = next(gen)
+                    sync()
+                    ms.append(1000 * (time.perf_counter() - t0))
+                    logits.append(out[:, 0].float().cpu())
+                gen.close()
+            return logits, ms, peak()
+
+        def compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
+            # SAM 2 sets a whole mask to -1024 when its object score is <= 0: one object found
+            # present by one side only gives a ~1000 difference that says nothing about the rest.
+            worst = worst_present = 0.0
+            presence, ious = 0, []
+            for x, y in zip(a, b):
+                for xo, yo in zip(x, y):
+                    d = float((xo - yo).abs().max())
+                    worst = max(worst, d)
+                    px, py = bool(xo.max() > -1000), bool(yo.max() > -1000)
+                    if px != py:
+                        presence += 1
+                    elif px:
+                        worst_present = max(worst_present, d)
+                    ious.append(jaccard(xo.numpy() > 0, yo.numpy() > 0))
+            return {"max_abs_logit_diff": worst, "max_abs_logit_diff_both_present": worst_present,
+                    "presence_disagreements": presence, "min_mask_iou": min(ious)}
+
+        out: dict = {"sequence": name, "frames": len(frames), "objects": labels, "image_size": size,
+                     "type": sam2_type or "read from the checkpoint",
+                     "weights": ckpt or "random (seed 0), the same for both",
+                     "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                     "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+        runs = {"ours_fp32": run_ours(False), "official_fp32": run_official(False)}
+        if DEV == "cuda":
+            runs["ours_bf16"] = run_ours(True)
+            runs["official_bf16"] = run_official(True)
+        else:
+            out["bf16"] = "skipped: ours' bf16 autocast needs CUDA"
+        for key, (_, ms, pk) in runs.items():
+            out[f"{key}_ms"] = statistics.median(ms[2:] or ms)
+            out[f"{key}_peak_alloc_MiB"] = pk
+        out["ours_vs_official_fp32"] = compare(runs["ours_fp32"][0], runs["official_fp32"][0])
+        if "ours_bf16" in runs:
+            out["ours_vs_official_bf16"] = compare(runs["ours_bf16"][0], runs["official_bf16"][0])
+            out["ours_bf16_vs_ours_fp32"] = compare(runs["ours_bf16"][0], runs["ours_fp32"][0])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report["sam2"] = out
+    print("sam2", json.dumps(out), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqs", required=True)
+    data = Path(os.environ.get("LAZYXMEM_DATA") or ROOT.parent / "shared" / "data") / "davis2016"
+    ap.add_argument("--seqs", default=str(data), help=f"DAVIS-layout sequences (default {data})")
     ap.add_argument("--xmem-checkpoint")
     ap.add_argument("--sam-checkpoint")
     ap.add_argument("--sam-type", default="vit_b")
+    ap.add_argument("--sam2-checkpoint", help="official SAM 2.1 checkpoint (default: random weights)")
+    ap.add_argument("--sam2-type", help="tiny, small, base_plus, large (default: read from the checkpoint; tiny "
+                                        "for random weights)")
+    ap.add_argument("--sam2-size", type=int, default=1024, help="SAM 2 image size (default 1024)")
+    ap.add_argument("--sam2-frames", type=int, help="frames for the SAM 2 step (default --frames)")
+    ap.add_argument("--no-sam2", action="store_true", help="skip the SAM 2 step")
     ap.add_argument("--frames", type=int, default=30)
     ap.add_argument("--long", type=int, default=4000)
     ap.add_argument("--out")
-    ap.add_argument("--only", nargs="*", choices=("xmem", "stages", "memory", "sam", "lazy"), help="run these steps only")
+    ap.add_argument("--only", nargs="*", choices=("xmem", "stages", "memory", "sam", "lazy", "sam2"),
+                    help="run these steps only")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     a = ap.parse_args()
     global DEV
@@ -249,25 +409,53 @@ def main() -> int:
         return 2
     report: dict = {"gpu": torch.cuda.get_device_name() if DEV == "cuda" else "none", "torch": torch.__version__}
     tmp = Path(tempfile.mkdtemp())
-    xmem = a.xmem_checkpoint or str(save_random_checkpoint(tmp / "xmem_random.pth"))
-    sam = a.sam_checkpoint
-    if sam is None:
-        from segment_anything import sam_model_registry
+    ckpts: dict[str, str] = {}
 
-        torch.manual_seed(0)
-        sam = str(tmp / f"sam_{a.sam_type}_random.pth")
-        torch.save(sam_model_registry[a.sam_type]().state_dict(), sam)
-    seqs = [EvalSequence.load(p) for p in sorted(Path(a.seqs).iterdir()) if (p / "masks").is_dir()]
-    multi = max(seqs, key=lambda s: len(np.unique(s.initial_masks()[min(s.initial_masks())])))
-    full = next(s for s in seqs if len(s.gt) == len(s.frames))
-    steps = [("xmem", lambda: xmem_checks(xmem, multi, a.frames, report)),
-             ("stages", lambda: stage_checks(xmem, multi, report)),
-             ("memory", lambda: memory_check(xmem, a.long, report)),
-             ("sam", lambda: sam_checks(sam, a.sam_type, full, report)),
-             ("lazy", lambda: lazy_check(xmem, sam, a.sam_type, full, report))]
+    # Random checkpoints are made when a step first needs them: --only sam2 needs neither
+    # (nor the segment_anything package).
+    def xmem() -> str:
+        if "xmem" not in ckpts:
+            ckpts["xmem"] = a.xmem_checkpoint or str(save_random_checkpoint(tmp / "xmem_random.pth"))
+        return ckpts["xmem"]
+
+    def sam() -> str:
+        if "sam" not in ckpts:
+            ckpts["sam"] = a.sam_checkpoint
+            if ckpts["sam"] is None:
+                from segment_anything import sam_model_registry
+
+                torch.manual_seed(0)
+                ckpts["sam"] = str(tmp / f"sam_{a.sam_type}_random.pth")
+                torch.save(sam_model_registry[a.sam_type]().state_dict(), ckpts["sam"])
+        return ckpts["sam"]
+
+    root = Path(a.seqs)
+    seqs = [EvalSequence.load(p) for p in sorted(root.iterdir()) if (p / "masks").is_dir()] if root.is_dir() else []
+    multi = max(seqs, key=lambda s: len(np.unique(s.initial_masks()[min(s.initial_masks())]))) if seqs else None
+    full = next((s for s in seqs if len(s.gt) == len(s.frames)), None)
+
+    def need(seq: EvalSequence | None) -> EvalSequence:
+        if seq is None:
+            raise RuntimeError(f"no usable DAVIS-layout sequence under {root}: pass --seqs or set LAZYXMEM_DATA")
+        return seq
+
+    sam2_frames = a.sam2_frames or a.frames
+    steps = [("xmem", lambda: xmem_checks(xmem(), need(multi), a.frames, report)),
+             ("stages", lambda: stage_checks(xmem(), need(multi), report)),
+             ("memory", lambda: memory_check(xmem(), a.long, report)),
+             ("sam", lambda: sam_checks(sam(), a.sam_type, need(full), report)),
+             ("lazy", lambda: lazy_check(xmem(), sam(), a.sam_type, need(full), report)),
+             ("sam2", lambda: sam2_checks(a.sam2_checkpoint, a.sam2_type, a.sam2_size, multi, sam2_frames, report))]
     failed = []
     for name, fn in steps:
         if a.only and name not in a.only:
+            continue
+        if name == "sam2" and (a.no_sam2 or importlib.util.find_spec("sam2") is None):
+            if a.only and not a.no_sam2:  # asked for by name: a missing package is a failure
+                report["sam2_error"] = "the sam2 package is not installed (requirements-sam2.txt)"
+                failed.append(name)
+            else:
+                report["sam2_skipped"] = "--no-sam2" if a.no_sam2 else "the sam2 package is not installed"
             continue
         try:
             fn()
