@@ -38,7 +38,9 @@ class LazyConfig:
     pseudo_idu: bool = False  # write pseudo-corrected frames to memory (lowers J&F in the paper)
     user: bool = True  # user corrections from the trigger
     idu: bool = True  # write user-corrected frames to memory at once
-    detect_loss: bool = False  # ask the user when an object is lost: its area collapses, or its presence score turns negative (not in the paper)
+    # Ask the user when an object is lost (not in the paper): its area collapses, or the
+    # propagator's own presence score (SAM 2's object score) turns negative.
+    detect_loss: bool = False
     loss_ratio: float = 0.2  # collapse = area below this fraction of the previous frame's area
     loss_min_area: int = 400  # ... for objects at least this big on the previous frame
     user_budget: int | None = None  # at most this many user requests per video (None: no limit)
@@ -132,7 +134,7 @@ class LazySession:
         self._snapshots: dict[int, tuple[Any, dict[str, Any]]] = {}
         self._prev_S: dict[int, float] = {}
         self._prev_area: dict[int, int] = {}
-        # label -> the propagator's own presence score on the previous frame (SAM 2's object score)
+        # label -> whether the propagator's own presence score said "there" on the previous frame
         self._prev_present: dict[int, bool] = {}
         self._last_user: dict[int, int] = {}
         self._n_user = 0

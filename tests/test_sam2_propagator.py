@@ -144,6 +144,7 @@ def test_forced_write_is_a_conditioning_frame_that_stays(small_model):
     before = prop.snapshot()
     written = run(prop, frames[:3], given, writes={2: True}, masks={2: corrected})
     entry = prop._mem[1].cond[2]
+    assert 2 in prop._mem[2].cond  # object 2's mask differs from its prediction too
     run(prop, frames[3:], {})  # 17 more frames: past the non-conditioning window (15)
     assert prop._mem[1].cond[2] is entry, "the corrected frame was dropped or re-encoded"
     assert 2 not in prop._mem[1].non_cond
@@ -154,6 +155,21 @@ def test_forced_write_is_a_conditioning_frame_that_stays(small_model):
     prop2 = SAM2Propagator(small_model, SAM2Config(image_size=128))
     with_idu = run(prop2, frames[:5], given, writes={2: True}, masks={2: corrected})
     assert not np.allclose(plain[4], with_idu[4])
+
+
+def test_forced_write_pins_only_what_the_correction_changed(small_model):
+    frames = video(3)
+    prop = SAM2Propagator(small_model, SAM2Config(image_size=128))
+    run(prop, frames[:2], {0: first_mask()})
+    prop.step(frames[2])
+    fixed = prop._pending.predicted.copy()
+    fixed[fixed == 1] = 0
+    fixed[40:70, 60:110] = 1  # object 1 corrected, object 2 (where not covered) as predicted
+    fixed[(prop._pending.predicted == 2)] = 2
+    assert not np.array_equal(fixed == 1, prop._pending.predicted == 1)
+    prop.commit(mask=fixed, write=True)
+    assert 2 in prop._mem[1].cond and 2 not in prop._mem[1].non_cond
+    assert 2 not in prop._mem[2].cond and 2 in prop._mem[2].non_cond, "an object left as predicted was pinned"
 
 
 def test_snapshot_restore_repeats_exactly(small_model):

@@ -17,8 +17,8 @@ the argmax over objects is the one with the highest logit, which is the official
 
 Memory writes follow the Lazy protocol: ``commit(write=False)`` (UDU) stores nothing for the
 frame, so later frames never read it (SAM 2 skips a missing entry); ``commit(mask, write=True)``
-(IDU) encodes the corrected mask with the frame's own image features as a conditioning frame,
-which no later pass overwrites. SAM 2's object score (``object_score_logits``; <= 0: the object
+(IDU) encodes each object the correction changed with the frame's own image features as a
+conditioning frame, which no later pass overwrites (the others are written as predicted). SAM 2's object score (``object_score_logits``; <= 0: the object
 is absent and its mask a constant, where pixel entropy says nothing) is exposed per object as
 :attr:`SAM2Propagator.object_scores` for the Lazy controller.
 """
@@ -74,6 +74,7 @@ class _Pending:
     feats: tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]
     outs: dict[int, dict]  # label -> track_step output on this frame
     given: set[int]
+    predicted: np.ndarray  # the frame's index mask as predicted (argmax), to tell corrected objects
 
 
 class SAM2Propagator:
@@ -170,8 +171,9 @@ class SAM2Propagator:
             logits = torch.cat([outs[label]["pred_masks"].float() for label in self.labels])  # (N, 1, h, w)
             logits = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)[:, 0]
             probs = torch.softmax(torch.cat([logits.new_zeros((1, *hw)), logits]), dim=0)
+            predicted = torch.tensor([0, *self.labels])[probs.argmax(0).cpu()].numpy()
         self._scores = {label: float(outs[label]["object_score_logits"].float().reshape(-1)[0]) for label in self.labels}
-        self._pending = _Pending(t, feats, outs, set(given_labels))
+        self._pending = _Pending(t, feats, outs, set(given_labels), predicted)
         return probs.cpu().numpy().astype(np.float32, copy=False)
 
     def commit(self, mask: np.ndarray | None = None, write: bool | None = None) -> bool:
@@ -188,12 +190,15 @@ class SAM2Propagator:
         with torch.inference_mode(), self._autocast():
             for label in self.labels:
                 mem, out = self._mem[label], p.outs[label]
+                # An object the mask leaves as predicted is written as predicted: only what a
+                # correction changed is pinned (a conditioning frame is never dropped by the window).
+                changed = mask is not None and not np.array_equal(mask == label, p.predicted == label)
                 if label in p.given:  # an annotation always enters memory, as a conditioning frame
                     mem.cond[p.t] = self._memory_entry(p, out, from_mask=True)
                     mem.non_cond.pop(p.t, None)
                     self._cap_cond(mem)
-                elif write is True and mask is not None:
-                    # IDU: the corrected frame is kept like an annotation (never re-tracked over).
+                elif write is True and changed:
+                    # IDU: the corrected object is kept like an annotation (never re-tracked over).
                     corrected = self._track(p.t, p.feats, mem, mask=mask == label)
                     mem.cond[p.t] = self._memory_entry(p, corrected, from_mask=True)
                     mem.non_cond.pop(p.t, None)
@@ -201,7 +206,7 @@ class SAM2Propagator:
                 elif write is False:
                     self._trim(mem, p.t)
                     continue  # UDU: the frame stays out of the memory later frames read
-                elif mask is not None:
+                elif changed:
                     corrected = self._track(p.t, p.feats, mem, mask=mask == label)
                     mem.non_cond[p.t] = self._memory_entry(p, corrected, from_mask=True)
                 else:
