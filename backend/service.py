@@ -76,7 +76,8 @@ class Service:
     @settings.setter
     def settings(self, s: BackendSettings) -> None:
         self._settings = s
-        self.fetcher = MediaFetcher(s.ls_url, s.api_key, s.cache_dir, set(s.allowed_hosts), int(s.max_media_mb * 2**20))
+        self.fetcher = MediaFetcher(s.ls_url, s.api_key, s.cache_dir, set(s.allowed_hosts), int(s.max_media_mb * 2**20),
+                                    deadline_s=s.media_timeout_s, cache_bytes=int(s.media_cache_mb * 2**20))
         self.media = TaskMedia(self.fetcher, s.max_frames, s.frame_store_mb)
         self.ls = LabelStudioIO(s.ls_url, s.api_key, self.ledger)
         self.tasks.max_sessions = s.max_sessions

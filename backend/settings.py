@@ -45,6 +45,8 @@ class BackendSettings:
     cache_dir: str = os.path.join(tempfile.gettempdir(), "lazyxmem-cache")
     allowed_hosts: frozenset[str] = frozenset()
     max_media_mb: float = 2048
+    media_timeout_s: float = 300  # a whole download (every redirect, every read), not one read
+    media_cache_mb: float = 20480  # the media cache's bound: least recently used files are removed past it
     max_frames: int = 20000
     frame_store_mb: float = 8192  # a video whose raw frames are larger is kept JPEG-compressed on disk
     max_sessions: int = 8
@@ -74,6 +76,8 @@ class BackendSettings:
             cache_dir=os.environ.get("CACHE_DIR") or cls.cache_dir,
             allowed_hosts=frozenset(h for h in os.environ.get("ALLOWED_MEDIA_HOSTS", "").split(",") if h),
             max_media_mb=_env_float("MAX_MEDIA_MB", cls.max_media_mb),
+            media_timeout_s=_env_float("MEDIA_TIMEOUT_S", cls.media_timeout_s),
+            media_cache_mb=_env_float("MEDIA_CACHE_MB", cls.media_cache_mb),
             max_frames=int(_env_float("MAX_FRAMES", cls.max_frames)),
             frame_store_mb=_env_float("FRAME_STORE_MB", cls.frame_store_mb),
             max_sessions=int(_env_float("MAX_SESSIONS", cls.max_sessions)),

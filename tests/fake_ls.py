@@ -27,7 +27,7 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
         self.wfile.write(out)
 
     def do_GET(self):
-        if self.path.startswith("/redirect"):
+        if self.path.startswith("/data/upload/redirect"):  # a media path: Label Studio sends it elsewhere
             self.send_response(302)
             self.send_header("Location", "http://example.invalid/x.avi")
             self.end_headers()

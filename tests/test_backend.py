@@ -288,7 +288,7 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(client, fake_ls
         elif case == "host":
             task = video_task(video, url="http://10.1.2.3/v.avi")
         elif case == "redirect":
-            task = video_task(video, url="/redirect")
+            task = video_task(video, url="/data/upload/redirect")
         elif case == "auth":
             headers = {"Authorization": "Basic " + base64.b64encode(b"ann:wrong").decode()}
         elif case == "no_data":
