@@ -11,14 +11,16 @@ import logging
 import time
 from typing import Any
 
-from flask import Flask, jsonify, request, send_file
-from werkzeug.exceptions import HTTPException
+from flask import Flask, Request, jsonify, request, send_file
+from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from lazyxmem_core import __version__
 from lazyxmem_core.engines import propagator_name, refiner_name
 from lazyxmem_core.errors import LazyXMemError
 
 from . import export
+from .checks import Malformed, check_regions, check_task, check_webhook, got, safe_message, shown
 from .labelconfig import ConfigError, parse_label_config
 from .service import Service
 from .settings import BackendSettings
@@ -31,6 +33,34 @@ class _BadRequest(ValueError):
     pass
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON: numbers must be finite")
+
+
+class _StrictJSON(DefaultJSONProvider):
+    """JSON as the standard has it, both ways. Python's reads NaN and Infinity (a NaN box became a
+    full-frame box) and writes them (a NaN frame rate gave a reply no JSON parser takes); a body
+    nested 100k deep made its parser raise RecursionError, a 500, where it is a bad request."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        kwargs.setdefault("parse_constant", _not_json)
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        kwargs.setdefault("allow_nan", False)  # a NaN that got through is a logged 500, never invalid JSON
+        return super().dumps(obj, **kwargs)
+
+
+class _Request(Request):
+    def on_json_loading_failed(self, e: ValueError | None) -> Any:
+        # Flask's own says only "400 Bad Request"; the reason (never the body) helps the caller.
+        raise _BadRequest("request body must be a JSON object" +
+                          (f": {e}" if e is not None else " sent as Content-Type: application/json"))
+
+
 def _task_ids(tasks: list | None = None) -> str:
     """Task ids of the current request, for log lines."""
     if tasks is None:
@@ -38,8 +68,10 @@ def _task_ids(tasks: list | None = None) -> str:
         tasks = body.get("tasks") if isinstance(body, dict) else None
         if tasks is None and isinstance(body, dict) and isinstance(body.get("task"), dict):
             tasks = [body["task"]]
-    ids = [str(t.get("id")) for t in tasks or [] if isinstance(t, dict)]
-    return "task " + ",".join(ids) if ids else "(no task)"
+    tasks = [t for t in tasks or [] if isinstance(t, dict)]
+    ids = [shown(t.get("id"), 24) for t in tasks[:20]]  # a log line, not a copy of the body
+    more = f" and {len(tasks) - 20} more" if len(tasks) > 20 else ""
+    return "task " + ",".join(ids) + more if ids else "(no task)"
 
 
 def _check_auth(user: str, password: str) -> bool:
@@ -55,8 +87,14 @@ def _check_auth(user: str, password: str) -> bool:
 
 def create_app(settings: BackendSettings | None = None) -> Flask:
     app = Flask(__name__)
+    app.json = _StrictJSON(app)
+    app.request_class = _Request
     model = Service(settings or BackendSettings.from_env())
     app.config["model"] = model
+    max_pixels = model.settings.max_pixels
+    # Werkzeug refuses a longer body (413) before reading it: 40 MB bodies used to be parsed,
+    # then echoed back in a 422 and in a log line.
+    app.config["MAX_CONTENT_LENGTH"] = int(model.settings.max_request_mb * 2**20)
     settings = model.settings.engine
     # The hint is for an `auto` that fell back to the embedded engine, not for SAM 2 (which needs
     # no XMem checkpoint) nor for an embedded engine asked for by name.
@@ -82,13 +120,20 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:
         counters["errors"] += 1
-        return jsonify(error=exc.description), exc.code
+        return jsonify(error=safe_message(exc.description or exc.name)), exc.code
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(exc: RequestEntityTooLarge) -> Any:
+        counters["errors"] += 1
+        return jsonify(error=f"request body over {app.config['MAX_CONTENT_LENGTH']} bytes "
+                             f"(MAX_REQUEST_MB={model.settings.max_request_mb:g}): not read"), 413
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Any:
         counters["errors"] += 1
-        log.exception("unhandled error on %s %s", request.path, _task_ids())
-        return jsonify(error=f"internal error: {type(exc).__name__}: {exc}"), 500
+        log.exception("unhandled error on %s %s", shown(request.path), _task_ids())
+        # The exception's text may quote the request, Label Studio's reply or a path: the log has it.
+        return jsonify(error=f"internal error ({type(exc).__name__}): see the backend's log"), 500
 
     @app.get("/")
     @app.get("/health")
@@ -102,6 +147,8 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
         if not isinstance(body, dict):
             return jsonify(error="setup expects a JSON object with 'project' and 'schema'"), 400
         schema = body.get("schema")
+        if schema is not None and not isinstance(schema, str):
+            raise Malformed(f"'schema' must be a label config (a string), {got(schema)}")
         if schema:
             parse_label_config(schema)  # a config we cannot serve is reported at connection time
             model.label_configs[str(body.get("project", "")).split(".")[0]] = schema
@@ -112,7 +159,7 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
         return jsonify(versions=[model_version])
 
     def json_body() -> dict:
-        body = request.get_json(silent=True)
+        body = request.get_json()
         if not isinstance(body, dict):
             raise _BadRequest("request body must be a JSON object")
         return body
@@ -125,9 +172,11 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
     @app.errorhandler(LazyXMemError)  # the request cannot be served as it is
     def client_error(exc: Exception) -> Any:
         counters["errors"] += 1
-        log.warning("%s %s: %s", request.path, _task_ids(), exc)
-        # A config we cannot serve is a bad request; a task whose content we cannot use is 422.
-        return jsonify(error=str(exc)), 400 if isinstance(exc, ConfigError) else 422
+        message = safe_message(str(exc))  # messages built anywhere may quote a value of the request
+        log.warning("%s %s: %s", shown(request.path), _task_ids(), message)
+        # A config we cannot serve or a value of the wrong type is a bad request; a task whose
+        # content we cannot use is 422.
+        return jsonify(error=message), 400 if isinstance(exc, (ConfigError, Malformed)) else 422
 
     @app.post("/predict")
     def predict() -> Any:
@@ -135,12 +184,18 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) for t in tasks):
             raise _BadRequest("'tasks' must be a non-empty list of task objects")
+        for i, task in enumerate(tasks):
+            check_task(task, f"tasks[{i}]", max_pixels)
         params = body.get("params") or {}
         if not isinstance(params, dict):
             raise _BadRequest("'params' must be an object")
         context = params.get("context")
         if context is not None and not isinstance(context, dict):
             raise _BadRequest("'params.context' must be an object or null")
+        if context and context.get("result") is not None:
+            check_regions(context["result"], "params.context.result", max_pixels)
+        if body.get("label_config") is not None and not isinstance(body["label_config"], str):
+            raise Malformed(f"'label_config' must be a string, {got(body['label_config'])}")
         config = body.get("label_config") or model.label_configs.get(str(body.get("project", "")).split(".")[0])
         if not config:
             raise _BadRequest("no label config: send 'label_config' or call /setup for this project first")
@@ -154,18 +209,19 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
     @app.post("/webhook")
     def webhook() -> Any:
         body = json_body()
+        check_webhook(body, max_pixels)
         action = body.get("action")
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
             return jsonify(model.on_annotation(body)), 200
         if action == "TASKS_CREATED":
             return jsonify(model.on_tasks_created(body)), 200
-        return jsonify(status="ignored", action=action), 200
+        return jsonify(status="ignored", action=None if action is None else shown(action)), 200
 
     @app.get("/jobs/<job_id>")
     def job(job_id: str) -> Any:
         job = model.jobs.status(job_id)
         if job is None:
-            return jsonify(error=f"no job {job_id}"), 404
+            return jsonify(error=f"no job {shown(job_id)}"), 404
         return jsonify(job)
 
     @app.get("/tasks/<int:task_id>/masks")

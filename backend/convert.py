@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle, mask2rle
+from label_studio_sdk.converter.brush import mask2rle
 
 from lazyxmem_core.types import Box, Click
 
+from .checks import MAX_INDEX, check_brush, number, shown, whole
 from .labelconfig import AUTO_LABEL, REVIEW_LABEL, LabelConfig
 
 
@@ -59,10 +60,11 @@ class ObjectPrompt:
 
 
 def pct_box(v: dict, width: int, height: int, where: str) -> Box:
-    try:
-        x, y, w, h = (float(v[k]) for k in ("x", "y", "width", "height"))
-    except (KeyError, TypeError, ValueError):
-        raise TaskError(f"{where}: a box needs numeric x, y, width, height (percent)") from None
+    missing = [k for k in ("x", "y", "width", "height") if k not in v]
+    if missing:
+        raise TaskError(f"{where}: a box needs numeric x, y, width, height (percent); {', '.join(missing)} missing")
+    # NaN passes every range test below (comparisons with NaN are false) and became a full-frame box
+    x, y, w, h = (number(v[k], f"{where}: box {k}") for k in ("x", "y", "width", "height"))
     if w <= 0 or h <= 0 or x < -0.5 or y < -0.5 or x + w > 100.5 or y + h > 100.5:
         raise TaskError(f"{where}: box x={x} y={y} width={w} height={h} lies outside the frame (percent, 0..100)")
     x0, y0 = max(0.0, x) * width / 100, max(0.0, y) * height / 100
@@ -70,6 +72,16 @@ def pct_box(v: dict, width: int, height: int, where: str) -> Box:
     if x1 - x0 < 1 or y1 - y0 < 1:
         raise TaskError(f"{where}: box is smaller than a pixel")
     return Box(x0, y0, x1, y1)
+
+
+def keyframe_index(k: dict, where: str) -> int:
+    """A keyframe's 0-based frame (Label Studio counts from 1; no frame: the first)."""
+    return whole(k.get("frame", 1), f"{where}: keyframe frame", 1, MAX_INDEX) - 1
+
+
+def item_index(r: dict, where: str) -> int:
+    """A region's item of an image sequence (none: the first)."""
+    return whole(r.get("item_index", 0) or 0, f"{where}: item_index", 0, MAX_INDEX)
 
 
 def label_of(value: dict) -> str:
@@ -88,23 +100,60 @@ def video_prompts(results: Iterable[dict], cfg: LabelConfig, width: int, height:
         seq = [k for k in (r.get("value") or {}).get("sequence") or [] if k.get("enabled", True)]
         if not seq:
             continue
-        first = min(seq, key=lambda k: int(k.get("frame", 1)))
-        frame = int(first.get("frame", 1)) - 1
+        where = f"region {shown(r.get('id'))}"
+        first = min(seq, key=lambda k: keyframe_index(k, where))
+        frame = keyframe_index(first, where)
         if not 0 <= frame < n_frames:
-            raise TaskError(f"region {r.get('id')}: keyframe {frame + 1} is outside the video (1..{n_frames})")
-        box = pct_box(first, width, height, f"region {r.get('id')} frame {frame + 1}")
+            raise TaskError(f"{where}: keyframe {frame + 1} is outside the video (1..{n_frames})")
+        box = pct_box(first, width, height, f"{where} frame {frame + 1}")
         prompts.append(ObjectPrompt(str(r.get("id")), label_of(r.get("value") or {}), frame, box=box))
     return prompts
+
+
+def decode_rle(data: bytes) -> np.ndarray:
+    """Label Studio's brush RLE (``label_studio_sdk.converter.brush.decode_rle``'s format and
+    results), read from the bytes themselves: the SDK's first turns the RLE into a list of one
+    string per bit, 64 bytes of memory per bit (3 GB for a 50 MB RLE) before it reads a run.
+
+    Like the SDK's, a read past the end gives the bits that are there and fails only when none
+    are; callers check the header (:func:`backend.checks.check_brush`) before calling this."""
+    nbits, pos = len(data) * 8, 0
+
+    def read(size: int) -> int:
+        nonlocal pos
+        got = min(size, nbits - pos)
+        if got <= 0:
+            raise ValueError("the RLE ends before its last value")
+        start, end = pos >> 3, (pos + got + 7) >> 3
+        chunk = int.from_bytes(data[start:end], "big") >> (end * 8 - pos - got)
+        pos += size
+        return chunk & ((1 << got) - 1)
+
+    num = read(32)
+    word = read(5) + 1
+    sizes = [read(4) + 1 for _ in range(4)]
+    out = np.zeros(num, np.uint8)
+    i = 0
+    while i < num:
+        repeat = read(1)
+        j = i + 1 + read(sizes[read(2)])
+        if repeat:
+            out[i:j] = read(word)
+        else:
+            out[i:j] = [read(word) for _ in range(j - i)]  # IndexError past num, like the SDK's
+        i = j
+    return out
 
 
 def decode_brush(value: dict, width: int, height: int, where: str) -> np.ndarray:
     rle = value.get("rle")
     if not isinstance(rle, list) or not rle:
         raise TaskError(f"{where}: brush region has no RLE")
+    check_brush(value, width, height, where)  # a decoder allocates what the header declares: check it first
     try:
-        rgba = np.frombuffer(bytes(decode_rle(rle)), np.uint8)
+        rgba = decode_rle(bytes(rle))
     except Exception as exc:
-        raise TaskError(f"{where}: brush RLE cannot be decoded ({exc})") from None
+        raise TaskError(f"{where}: brush RLE cannot be decoded ({shown(exc)})") from None
     if rgba.size != width * height * 4:
         raise TaskError(f"{where}: brush RLE holds {rgba.size // 4} pixels, the frame has {width}x{height}")
     return rgba.reshape(height, width, 4)[..., 3] > 127
@@ -124,11 +173,12 @@ def image_prompts(results: Iterable[dict], cfg: LabelConfig, sizes: Sequence[tup
         label = label_of(value)
         if label == REVIEW_LABEL:
             continue
-        item = int(r.get("item_index", 0) or 0)
+        item = item_index(r, f"region {shown(r.get('id'))}")
         if not 0 <= item < len(sizes):
-            raise TaskError(f"region {r.get('id')}: item_index {item} is outside the sequence (0..{len(sizes) - 1})")
+            raise TaskError(f"region {shown(r.get('id'))}: item_index {item} is outside the sequence "
+                            f"(0..{len(sizes) - 1})")
         width, height = sizes[item]
-        where = f"region {r.get('id')} on item {item}"
+        where = f"region {shown(r.get('id'))} on item {item}"
         kind = r.get("type")
         p = ObjectPrompt(str(r.get("id")), label, item)
         if kind == "brushlabels":
@@ -138,7 +188,7 @@ def image_prompts(results: Iterable[dict], cfg: LabelConfig, sizes: Sequence[tup
         elif kind == "rectanglelabels":
             p.box = pct_box(value, width, height, where)
         elif kind == "keypointlabels":
-            x, y = float(value.get("x", -1)), float(value.get("y", -1))
+            x, y = (number(value.get(k, -1), f"{where}: keypoint {k}") for k in ("x", "y"))
             if not (0 <= x <= 100 and 0 <= y <= 100):
                 raise TaskError(f"{where}: keypoint ({x}, {y}) lies outside the frame (percent, 0..100)")
             p.clicks = [Click(min(x * width / 100, width - 1), min(y * height / 100, height - 1),

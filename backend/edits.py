@@ -15,8 +15,9 @@ import numpy as np
 from lazyxmem_core.types import Click, Correction
 
 from . import convert
-from .convert import ObjectPrompt, TaskError
-from .labelconfig import LabelConfig
+from .checks import shown
+from .convert import ObjectPrompt, TaskError, keyframe_index, object_key
+from .labelconfig import REVIEW_LABEL, LabelConfig
 
 Corrections = dict[tuple[int, int], Correction]  # (0-based frame, object value) -> correction
 
@@ -45,6 +46,27 @@ def initial_prompts(results: list[dict], cfg: LabelConfig, size: tuple[int, int]
     return convert.first_per_object(convert.image_prompts(results, cfg, [(w, h)] * n_frames))
 
 
+def object_count(cfg: LabelConfig, results: list[dict]) -> int:
+    """How many objects the regions define, counted the way :func:`initial_prompts` keeps them
+    (one per region id, ``lazyxmem-<object>-<frame>`` ids one per object) but without decoding a
+    mask or reading a frame: a task with too many is refused before anything is fetched or queued.
+    An upper bound: a brush that turns out empty is no object."""
+    keys = set()
+    names = {c.name for c in cfg.shapes}
+    for r in results:
+        value = r.get("value") or {}
+        if r.get("from_name") not in names:
+            continue
+        if cfg.mode == "video":
+            if r.get("type") != "videorectangle" or not any(k.get("enabled", True) for k in value.get("sequence") or []):
+                continue
+        elif r.get("type") not in ("brushlabels", "rectanglelabels", "keypointlabels") or \
+                convert.label_of(value) == REVIEW_LABEL:
+            continue
+        keys.add(object_key(str(r.get("id"))))
+    return len(keys)
+
+
 def frames_named(cfg: LabelConfig, results: list[dict], first_only: bool = False) -> set[int]:
     """The 0-based frames that regions are drawn on (``first_only``: each region's first), read
     without the frames themselves."""
@@ -54,11 +76,12 @@ def frames_named(cfg: LabelConfig, results: list[dict], first_only: bool = False
             continue
         if cfg.mode == "images":
             if r.get("type") in ("brushlabels", "rectanglelabels", "keypointlabels"):
-                out.add(int(r.get("item_index", 0) or 0))
+                out.add(convert.item_index(r, f"region {shown(r.get('id'))}"))
             continue
         if r.get("type") != "videorectangle":
             continue
-        seq = [int(k.get("frame", 1)) - 1 for k in (r.get("value") or {}).get("sequence") or [] if k.get("enabled", True)]
+        where = f"region {shown(r.get('id'))}"
+        seq = [keyframe_index(k, where) for k in (r.get("value") or {}).get("sequence") or [] if k.get("enabled", True)]
         if seq:
             out.update([min(seq)] if first_only else seq)
     return out
@@ -118,12 +141,12 @@ def video_box_edits(cfg: LabelConfig, objects: Sequence[tuple[int, str]], masks:
         seq = [k for k in value_d.get("sequence") or [] if k.get("enabled", True)]
         rid = str(r.get("id", ""))
         for k in seq:
-            t = int(k.get("frame", 1)) - 1
+            t = keyframe_index(k, f"region {shown(rid)}")
             if not 0 <= t < n:
-                raise TaskError(f"region {rid}: keyframe {t + 1} is outside the video (1..{n})")
+                raise TaskError(f"region {shown(rid)}: keyframe {t + 1} is outside the video (1..{n})")
             mask = masks[t]
             h, w = mask.shape
-            box = convert.pct_box(k, w, h, f"region {rid} frame {t + 1}")
+            box = convert.pct_box(k, w, h, f"region {shown(rid)} frame {t + 1}")
             own = convert.own_object(rid)
             value = own if own in {v for v, _ in objects} else object_for(
                 objects, mask, text, ((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2))

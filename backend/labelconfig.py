@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from lazyxmem_core.errors import LazyXMemError
 
+import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .checks import shown
+
 REVIEW_LABEL = "Needs review"
 AUTO_LABEL = "Auto-corrected"
+MAX_FRAME_RATE = 1000.0
 
 
 class ConfigError(LazyXMemError):
@@ -78,7 +82,11 @@ def parse_label_config(xml: str) -> LabelConfig:
         try:
             fps = float(video.get("frameRate", "25") or 25)
         except ValueError:
-            raise ConfigError(f"<Video frameRate=\"{video.get('frameRate')}\"> is not a number") from None
+            fps = math.nan
+        # "nan" and "inf" parse as floats and would put NaN into every reply's times and durations
+        if not 0 < fps <= MAX_FRAME_RATE:
+            raise ConfigError(f"<Video frameRate=\"{shown(video.get('frameRate'))}\"> must be a number of frames "
+                              f"per second above 0 and at most {MAX_FRAME_RATE}")
         return LabelConfig("video", name, video.get("value", "").lstrip("$"), fps, shapes=(rect,), output=rect,
                            labels=labels, review=timeline, xml=xml)
     if images:

@@ -36,7 +36,9 @@ from lazyxmem_core.types import Correction, PackedMask
 from . import convert, edits
 from .convert import ObjectPrompt, TaskError
 from .edits import Corrections, initial_regions, start_digest
-from .fetch import MediaFetcher, TaskMedia
+from .bounded_media import BoundedMedia
+from .checks import safe_message
+from .fetch import MediaFetcher
 from .jobs import JobSpec, PriorityGate, Progress, make_queue
 from .labelconfig import LabelConfig, parse_label_config
 from .ls_io import LabelStudioIO, PostLedger
@@ -78,7 +80,7 @@ class Service:
         self._settings = s
         self.fetcher = MediaFetcher(s.ls_url, s.api_key, s.cache_dir, set(s.allowed_hosts), int(s.max_media_mb * 2**20),
                                     deadline_s=s.media_timeout_s, cache_bytes=int(s.media_cache_mb * 2**20))
-        self.media = TaskMedia(self.fetcher, s.max_frames, s.frame_store_mb)
+        self.media = BoundedMedia(self.fetcher, s.max_frames, s.frame_store_mb, max_pixels=s.max_pixels)
         self.ls = LabelStudioIO(s.ls_url, s.api_key, self.ledger)
         self.tasks.max_sessions = s.max_sessions
 
@@ -97,6 +99,15 @@ class Service:
             return self._refiner
 
     # -- sessions --------------------------------------------------------------------------------
+    @staticmethod
+    def check_objects(task_id: int, cfg: LabelConfig, regions: list[dict]) -> None:
+        """Refuse a task with more objects than an index mask holds, from its regions alone:
+        before its media is fetched or a job is queued (a job that fails later says it to nobody)."""
+        n = edits.object_count(cfg, regions)
+        if n > MAX_OBJECTS:
+            raise TaskError(f"task {task_id} has {n} objects; at most {MAX_OBJECTS} fit an index mask "
+                            "(split the task or merge objects)")
+
     def initial_masks(self, frames: FrameSequence, prompts: list[ObjectPrompt], task_id: int,
                       key: str) -> tuple[dict[int, np.ndarray], list[tuple[int, str]]]:
         """The annotation's regions as index masks per frame, and the objects (value, label text)."""
@@ -227,8 +238,9 @@ class Service:
                 if len(tasks) == 1:  # the caller sees the error itself (4xx with the message)
                     raise
                 # in a batch, one bad task must not cost the others their predictions
-                log.warning("task %s: no prediction: %s", task_id, exc)
-                entry = {"result": [], "score": 0.0, "model_version": self.model_version, "error": str(exc)}
+                message = safe_message(str(exc))  # the reply and the log line quote no long value
+                log.warning("task %s: no prediction: %s", task_id, message)
+                entry = {"result": [], "score": 0.0, "model_version": self.model_version, "error": message}
             if isinstance(entry, str):
                 jobs[task_id], entry = entry, []
             out.append(entry)
@@ -252,6 +264,7 @@ class Service:
         if not regions:
             log.info("task %s: no region to start from yet; nothing to predict", task_id)
             return []
+        self.check_objects(task_id, cfg, regions)
         n = self.media.declared_frames(task, cfg) if cfg.mode == "video" else len(
             (task.get("data") or {}).get(cfg.value_key) or [])
         fits = n is not None and n * max(1, len(regions)) * self.seconds_per_object_frame <= deadline - time.monotonic()
@@ -306,6 +319,7 @@ class Service:
         propagate a short window when the frame is near the objects' start, and queue the rest."""
         task_id = int(task.get("id") or 0)
         regions = initial_regions(task)
+        self.check_objects(task_id, cfg, regions)
         clicked = edits.frames_named(cfg, results)
         starts = edits.frames_named(cfg, regions, first_only=True)
         if not starts:
@@ -410,6 +424,7 @@ class Service:
             base["annotations"] = [a for a in task.get("annotations") or [] if a.get("id") != annotation.get("id")]
             if not initial_regions(base):
                 base["annotations"] = [annotation]
+            self.check_objects(int(task["id"]), cfg, initial_regions(base))
             job = self.submit("annotation", base, cfg.xml, 0, annotation=annotation)
             return {"status": "rebuilding", "job": job}
         corrections = edits.annotation_corrections(cfg, state.objects, state.masks(), annotation)
@@ -421,8 +436,8 @@ class Service:
     # -- pre-annotation on import ----------------------------------------------------------------
     def preannotate(self, tasks: list[dict], label_config: str) -> dict:
         """Queue a propagation job for each task that carries initial regions; skip the others."""
-        parse_label_config(label_config)  # a config we cannot serve fails here, not in every job
-        jobs, skipped = {}, []
+        cfg = parse_label_config(label_config)  # a config we cannot serve fails here, not in every job
+        jobs, skipped, refused = {}, [], {}
         for task in tasks:
             if not initial_regions(task) and task.get("id") and self.ls.configured:
                 try:
@@ -435,11 +450,17 @@ class Service:
             if not initial_regions(task):
                 skipped.append(task.get("id"))
                 continue
+            try:
+                self.check_objects(int(task.get("id") or 0), cfg, initial_regions(task))
+            except TaskError as exc:  # said in the reply and the log, not dropped in silence
+                log.warning("%s", exc)
+                refused[task.get("id")] = str(exc)
+                continue
             data = task.get("data") or {}
             frames = next((len(v) for v in data.values() if isinstance(v, list)), 0)
             jobs[task["id"]] = self.submit("propagate", task, label_config, frames)
         log.info("pre-annotation: %d task(s) queued, %d without regions skipped", len(jobs), len(skipped))
-        return {"status": "queued", "jobs": jobs, "skipped": skipped}
+        return {"status": "queued", "jobs": jobs, "skipped": skipped, **({"refused": refused} if refused else {})}
 
     def on_tasks_created(self, payload: dict) -> dict:
         """TASKS_CREATED (an import): pre-annotate the tasks that carry regions."""

@@ -49,6 +49,10 @@ class BackendSettings:
     media_cache_mb: float = 20480  # the media cache's bound: least recently used files are removed past it
     max_frames: int = 20000
     frame_store_mb: float = 8192  # a video whose raw frames are larger is kept JPEG-compressed on disk
+    # Pixels per frame (and per brush region), read from the file or RLE header before decoding: a
+    # 762 KB PNG can hold 16000x16000 pixels (9 GB once decoded and refined). 36 M: 8K UHD fits.
+    max_pixels: int = 36_000_000
+    max_request_mb: float = 50  # request bodies; larger ones get a 413 before they are read
     max_sessions: int = 8
     # A batch /predict propagates inside the request only when it should end within this; longer
     # work goes to the batch lane and is posted when done.
@@ -80,6 +84,8 @@ class BackendSettings:
             media_cache_mb=_env_float("MEDIA_CACHE_MB", cls.media_cache_mb),
             max_frames=int(_env_float("MAX_FRAMES", cls.max_frames)),
             frame_store_mb=_env_float("FRAME_STORE_MB", cls.frame_store_mb),
+            max_pixels=int(_env_float("MAX_PIXELS", cls.max_pixels)),
+            max_request_mb=_env_float("MAX_REQUEST_MB", cls.max_request_mb),
             max_sessions=int(_env_float("MAX_SESSIONS", cls.max_sessions)),
             sync_budget_s=_env_float("SYNC_BUDGET_S", cls.sync_budget_s),
             interactive_window=int(_env_float("INTERACTIVE_WINDOW", cls.interactive_window)),
