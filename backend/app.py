@@ -27,6 +27,7 @@ from .settings import BackendSettings
 
 
 log = logging.getLogger("lazyxmem.backend")
+WEBHOOK_SECRET_HEADER = "X-Webhook-Secret"
 
 
 class _BadRequest(ValueError):
@@ -206,8 +207,17 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
         # A queued task's entry is [] (Label Studio stores nothing for it); its job posts later.
         return jsonify(results=results, model_version=model_version, **({"jobs": jobs} if jobs else {}))
 
+    secret = model.settings.webhook_secret
+
     @app.post("/webhook")
     def webhook() -> Any:
+        if secret is not None:
+            given = request.headers.get(WEBHOOK_SECRET_HEADER) or request.args.get("secret") or ""
+            if not hmac.compare_digest(given.encode(), secret.encode()):  # constant time
+                log.warning("webhook refused: %s secret from %s", "wrong" if given else "no", request.remote_addr)
+                return jsonify(error=f"webhook secret missing or wrong: Label Studio must send the {WEBHOOK_SECRET_HEADER} "
+                                     "header (Settings -> Webhooks -> this backend's webhook -> Headers) or the "
+                                     "webhook URL must end in ?secret=<WEBHOOK_SECRET>"), 403
         body = json_body()
         check_webhook(body, max_pixels)
         action = body.get("action")

@@ -66,6 +66,9 @@ class BackendSettings:
     preannotate_on_import: bool = True  # TASKS_CREATED: queue the imported tasks that carry regions
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
+    # Label Studio cannot sign its webhooks, but it sends the headers set on the webhook: with a
+    # secret, /webhook answers only requests carrying it (X-Webhook-Secret header or ?secret=).
+    webhook_secret: str | None = None
     job_retries: int = 2
     job_timeout_s: int = 6 * 3600
     engine: EngineSettings = field(default_factory=EngineSettings)
@@ -94,6 +97,7 @@ class BackendSettings:
             preannotate_on_import=_env_bool("PREANNOTATE_ON_IMPORT", True),
             basic_auth_user=os.environ.get("BASIC_AUTH_USER") or None,
             basic_auth_pass=os.environ.get("BASIC_AUTH_PASS") or None,
+            webhook_secret=os.environ.get("WEBHOOK_SECRET") or None,
             job_retries=int(_env_float("JOB_RETRIES", cls.job_retries)),
             job_timeout_s=int(_env_float("JOB_TIMEOUT_S", cls.job_timeout_s)),
             engine=engine,

@@ -392,3 +392,26 @@ def test_more_than_255_objects_is_a_clear_422_never_a_job_that_drops_them(client
     assert not client.model.jobs.jobs
     # 255 is the limit, not past it (checked alone: propagating 255 objects takes minutes)
     client.model.check_objects(61, parse_label_config(VIDEO_CFG), many_objects(fake_ls[1], 255)["annotations"][0]["result"])
+
+
+def test_webhook_secret_refuses_forged_webhooks(fake_ls, tmp_path):
+    """With WEBHOOK_SECRET, a webhook without it (or with another) is a 403 and changes nothing;
+    with it (header or query parameter) it is handled as before."""
+    from backend.app import create_app
+    from backend.settings import BackendSettings
+    from lazyxmem_core.engines import EngineSettings
+    from test_backend import TOKEN
+
+    url, _ = fake_ls
+    app = create_app(BackendSettings(ls_url=url, api_key=TOKEN, cache_dir=str(tmp_path / "cache"),
+                                     webhook_secret="s3cret-value",
+                                     engine=EngineSettings(engine="embedded", refiner="embedded")))
+    c = app.test_client()
+    ignored = {"action": "PROJECT_UPDATED"}  # handled without touching anything: only the gate is tested
+    for headers, query in [({}, ""), ({"X-Webhook-Secret": "wrong"}, ""), ({}, "?secret=s3cret-valu")]:
+        r = c.post("/webhook" + query, json=ignored, headers=headers)
+        assert r.status_code == 403 and "X-Webhook-Secret" in r.json["error"], r.json
+        assert "s3cret" not in r.get_data(as_text=True)
+    assert c.post("/webhook", json=ignored, headers={"X-Webhook-Secret": "s3cret-value"}).json["status"] == "ignored"
+    assert c.post("/webhook?secret=s3cret-value", json=ignored).json["status"] == "ignored"
+    assert c.get("/health").status_code == 200  # the rest of the server is not behind the secret

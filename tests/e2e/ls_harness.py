@@ -323,9 +323,10 @@ def register_backend(ls: LabelStudio, project_id: int, backend: Backend, *,
                                auth_method="BASIC_AUTH", basic_auth_user=backend.user, basic_auth_pass=pw)
 
 
-def authorize_webhook(ls: LabelStudio, project_id: int, backend: Backend) -> dict:
+def authorize_webhook(ls: LabelStudio, project_id: int, backend: Backend, extra: dict[str, str] | None = None) -> dict:
     """Give the project's ``<backend>/webhook`` a basic-auth header (LS sends the webhook's
-    ``headers`` as they are); needed in BASIC_AUTH mode, where LS sends webhooks unauthenticated."""
+    ``headers`` as they are); needed in BASIC_AUTH mode, where LS sends webhooks unauthenticated.
+    ``extra``: more headers (the webhook secret)."""
     import base64
 
     hooks = ls.api("GET", "/api/webhooks/", params={"project": project_id}).json()
@@ -335,7 +336,8 @@ def authorize_webhook(ls: LabelStudio, project_id: int, backend: Backend) -> dic
     if hook is None:
         raise RuntimeError(f"no webhook to {backend.url}/webhook in project {project_id}: {hooks}")
     token = base64.b64encode(f"{backend.user}:{backend.password}".encode()).decode()
-    r = ls.api("PATCH", f"/api/webhooks/{hook['id']}/", json={"headers": {"Authorization": f"Basic {token}"}})
+    headers = {"Authorization": f"Basic {token}", **(extra or {})}
+    r = ls.api("PATCH", f"/api/webhooks/{hook['id']}/", json={"headers": headers})
     if r.status_code != 200:
         raise RuntimeError(f"cannot set the webhook's headers: HTTP {r.status_code}: {r.text[:300]}")
     return r.json()

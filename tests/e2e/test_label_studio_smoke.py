@@ -5,7 +5,7 @@ import pytest
 from label_studio_sdk.core.api_error import ApiError
 
 from ls_harness import (VIDEO_CONFIG, authorize_webhook, backend_log_since, open_task, register_backend,
-                        retrieve_predictions, setup_video_project, wait_for_log)
+                        retrieve_predictions, serving_backend, setup_video_project, wait_for_log)
 from synthetic import make_video
 
 pytestmark = pytest.mark.e2e
@@ -94,6 +94,34 @@ def test_webhook_with_auth_header(label_studio, backend_server, frames):
     log = wait_for_log(backend_server, offset, '"POST /webhook')
     lines = [ln for ln in log.splitlines() if '"POST /webhook' in ln]
     assert lines and all('" 401 ' not in ln for ln in lines), lines
+
+
+def test_webhook_secret_lets_label_studio_in_and_keeps_forgers_out(label_studio, frames, e2e_dir):
+    """WEBHOOK_SECRET: Label Studio's own webhook, given the secret as a header, still reaches the
+    backend; the same webhook without it, and a forged one posted straight to the port, get 403."""
+    import requests
+
+    secret = "e2e-" + "x" * 24
+    (e2e_dir / "secret").mkdir(exist_ok=True)
+    with serving_backend(label_studio, e2e_dir / "secret", {"WEBHOOK_SECRET": secret}) as backend:
+        proj = setup_video_project(label_studio, "smoke-hook-secret", [("a.webm", frames)], backend=backend)
+        authorize_webhook(label_studio, proj.project_id, backend, {"X-Webhook-Secret": secret})
+        offset = backend.log.stat().st_size
+        label_studio.client.projects.import_tasks(
+            proj.project_id, request=[{"video": "/data/local-files/?d=smoke-hook-secret/a.webm"}])
+        log = wait_for_log(backend, offset, '"POST /webhook')
+        lines = [ln for ln in log.splitlines() if '"POST /webhook' in ln]
+        assert lines and all('" 200 ' in ln for ln in lines), lines
+        forged = requests.post(f"{backend.url}/webhook", timeout=10,
+                               json={"action": "ANNOTATION_UPDATED", "project": {"id": proj.project_id}})
+        assert forged.status_code == 403 and "X-Webhook-Secret" in forged.json()["error"]
+        authorize_webhook(label_studio, proj.project_id, backend)  # the secret header taken away
+        offset = backend.log.stat().st_size
+        label_studio.client.projects.import_tasks(
+            proj.project_id, request=[{"video": "/data/local-files/?d=smoke-hook-secret/a.webm"}])
+        log = wait_for_log(backend, offset, '"POST /webhook')
+        lines = [ln for ln in log.splitlines() if '"POST /webhook' in ln]
+        assert lines and all('" 403 ' in ln for ln in lines), lines
 
 
 def test_retrieve_predictions_calls_backend(label_studio, backend_server, frames):
