@@ -105,22 +105,23 @@ def test_webhook_secret_lets_label_studio_in_and_keeps_forgers_out(label_studio,
     (e2e_dir / "secret").mkdir(exist_ok=True)
     with serving_backend(label_studio, e2e_dir / "secret", {"WEBHOOK_SECRET": secret}) as backend:
         proj = setup_video_project(label_studio, "smoke-hook-secret", [("a.webm", frames)], backend=backend)
+
+        def import_one() -> list[str]:
+            """Import a task (LS sends TASKS_CREATED); the backend's access-log lines for it."""
+            offset = backend.log.stat().st_size
+            label_studio.client.projects.import_tasks(
+                proj.project_id, request=[{"video": "/data/local-files/?d=smoke-hook-secret/a.webm"}])
+            log = wait_for_log(backend, offset, '"POST /webhook')
+            return [ln for ln in log.splitlines() if '"POST /webhook' in ln]
+
         authorize_webhook(label_studio, proj.project_id, backend, {"X-Webhook-Secret": secret})
-        offset = backend.log.stat().st_size
-        label_studio.client.projects.import_tasks(
-            proj.project_id, request=[{"video": "/data/local-files/?d=smoke-hook-secret/a.webm"}])
-        log = wait_for_log(backend, offset, '"POST /webhook')
-        lines = [ln for ln in log.splitlines() if '"POST /webhook' in ln]
+        lines = import_one()
         assert lines and all('" 200 ' in ln for ln in lines), lines
         forged = requests.post(f"{backend.url}/webhook", timeout=10,
                                json={"action": "ANNOTATION_UPDATED", "project": {"id": proj.project_id}})
         assert forged.status_code == 403 and "X-Webhook-Secret" in forged.json()["error"]
         authorize_webhook(label_studio, proj.project_id, backend)  # the secret header taken away
-        offset = backend.log.stat().st_size
-        label_studio.client.projects.import_tasks(
-            proj.project_id, request=[{"video": "/data/local-files/?d=smoke-hook-secret/a.webm"}])
-        log = wait_for_log(backend, offset, '"POST /webhook')
-        lines = [ln for ln in log.splitlines() if '"POST /webhook' in ln]
+        lines = import_one()
         assert lines and all('" 403 ' in ln for ln in lines), lines
 
 
