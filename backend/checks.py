@@ -23,10 +23,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import cv2
 from PIL import Image
 
-from lazyxmem_core.errors import LazyXMemError
+from lazyxmem_core.errors import LazyXMemError, MediaError
+from lazyxmem_core.media import video_container
 
 SHOWN_CHARS = 200  # of any one value quoted in a message or a log line
 MESSAGE_CHARS = 2000  # of a whole message (a last guard for messages built elsewhere)
@@ -258,13 +258,10 @@ def image_size(path: str | Path, name: str) -> tuple[int, int]:
 
 def video_size(path: str | Path, name: str) -> tuple[int, int]:
     """(width, height) as a video's container declares them (the codec parameters: no frame decoded)."""
-    cap = cv2.VideoCapture(str(path))
     try:
-        if not cap.isOpened():
-            raise InputError(f"cannot decode video {shown(name)}: OpenCV could not open it (unsupported or damaged file)")
-        return int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
-    finally:
-        cap.release()
+        return video_container(path)[2]
+    except MediaError:
+        raise InputError(f"cannot decode video {shown(name)}: OpenCV could not open it (unsupported or damaged file)") from None
 
 
 def check_frames(paths: Iterable[tuple[str, Path]], video: bool, max_pixels: int) -> None:

@@ -154,8 +154,6 @@ def decode_brush(value: dict, width: int, height: int, where: str) -> np.ndarray
         rgba = decode_rle(bytes(rle))
     except Exception as exc:
         raise TaskError(f"{where}: brush RLE cannot be decoded ({shown(exc)})") from None
-    if rgba.size != width * height * 4:
-        raise TaskError(f"{where}: brush RLE holds {rgba.size // 4} pixels, the frame has {width}x{height}")
     return rgba.reshape(height, width, 4)[..., 3] > 127
 
 

@@ -67,7 +67,6 @@ _current = threading.local()
 
 class _Deadline:
     def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
         self.at = time.monotonic() + seconds
         self.expired = False
         self._socks: list[socket.socket] = []

@@ -422,9 +422,11 @@ class Service:
             # not be mistaken for the initial regions.
             base = dict(task)
             base["annotations"] = [a for a in task.get("annotations") or [] if a.get("id") != annotation.get("id")]
-            if not initial_regions(base):
+            regions = initial_regions(base)
+            if not regions:
                 base["annotations"] = [annotation]
-            self.check_objects(int(task["id"]), cfg, initial_regions(base))
+                regions = initial_regions(base)
+            self.check_objects(int(task["id"]), cfg, regions)
             job = self.submit("annotation", base, cfg.xml, 0, annotation=annotation)
             return {"status": "rebuilding", "job": job}
         corrections = edits.annotation_corrections(cfg, state.objects, state.masks(), annotation)
@@ -439,7 +441,8 @@ class Service:
         cfg = parse_label_config(label_config)  # a config we cannot serve fails here, not in every job
         jobs, skipped, refused = {}, [], {}
         for task in tasks:
-            if not initial_regions(task) and task.get("id") and self.ls.configured:
+            regions = initial_regions(task)
+            if not regions and task.get("id") and self.ls.configured:
                 try:
                     task = self.ls.task(int(task["id"]))  # webhook tasks come without annotations
                 except Exception as exc:  # an upload's webhook can arrive before the task is readable
@@ -447,11 +450,12 @@ class Service:
                              task.get("id"), type(exc).__name__)
                     skipped.append(task.get("id"))
                     continue
-            if not initial_regions(task):
+                regions = initial_regions(task)
+            if not regions:
                 skipped.append(task.get("id"))
                 continue
             try:
-                self.check_objects(int(task.get("id") or 0), cfg, initial_regions(task))
+                self.check_objects(int(task.get("id") or 0), cfg, regions)
             except TaskError as exc:  # said in the reply and the log, not dropped in silence
                 log.warning("%s", exc)
                 refused[task.get("id")] = str(exc)

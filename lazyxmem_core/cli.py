@@ -17,6 +17,7 @@ from .engines import (PROPAGATORS, REFINERS, EngineSettings, build_propagator, b
                       propagator_name, refiner_name)
 from .errors import LazyXMemError, MediaError
 from .lazy import LazyConfig, LazySession
+from .weights import SAM2_SIZES, SAM_FILES, SAM_HQ_FILES
 from .media import FrameDir, check_mask, open_frames, read_index_mask, write_index_mask
 
 log = logging.getLogger("lazyxmem")
@@ -41,11 +42,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xmem-checkpoint", default=None, help="XMem checkpoint (.pth); default XMEM_CHECKPOINT")
     p.add_argument("--refiner", choices=REFINERS, default=None, help="mask refiner (default: auto, or LAZYXMEM_REFINER)")
     p.add_argument("--sam-checkpoint", default=None, help="SAM checkpoint (.pth); default SAM_CHECKPOINT")
-    p.add_argument("--sam-type", default=None, choices=("vit_b", "vit_l", "vit_h"), help="SAM model type (default vit_h)")
+    p.add_argument("--sam-type", default=None, choices=tuple(SAM_FILES), help="SAM model type (default vit_h)")
     p.add_argument("--sam-hq-checkpoint", default=None, help="SAM-HQ checkpoint (.pth); default SAM_HQ_CHECKPOINT")
-    p.add_argument("--sam-hq-type", default=None, choices=("vit_b", "vit_l", "vit_h"), help="SAM-HQ type (default vit_l)")
+    p.add_argument("--sam-hq-type", default=None, choices=tuple(SAM_HQ_FILES), help="SAM-HQ type (default vit_l)")
     p.add_argument("--sam2-checkpoint", default=None, help="SAM 2.1 checkpoint (.pt); default SAM2_CHECKPOINT")
-    p.add_argument("--sam2-type", default=None, choices=("tiny", "small", "base_plus", "large"),
+    p.add_argument("--sam2-type", default=None, choices=tuple(SAM2_SIZES),
                    help="SAM 2.1 model (default: read from the checkpoint)")
     p.add_argument("--sam2-image-size", type=int, default=None,
                    help="SAM 2.1 input side (default 1024, as trained; 512 is about 4x faster)")

@@ -185,6 +185,12 @@ def video_header(path: str | os.PathLike) -> tuple[int | None, float]:
     """(frame count, fps) as the container declares them, read without decoding; the count is
     None when it declares none. Only an estimate (some containers round or omit it): good enough
     to decide whether a video is too long to propagate inside a request, not to index frames."""
+    n, fps, _ = video_container(path)
+    return n, fps
+
+
+def video_container(path: str | os.PathLike) -> tuple[int | None, float, tuple[int, int]]:
+    """:func:`video_header` and the frame size (width, height) the codec parameters declare."""
     cap = cv2.VideoCapture(str(path))
     try:
         if not cap.isOpened():
@@ -192,9 +198,10 @@ def video_header(path: str | os.PathLike) -> tuple[int | None, float]:
                              "(unsupported or damaged file)")
         n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) or 25.0
+        size = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
     finally:
         cap.release()
-    return (n if n > 0 else None), fps
+    return (n if n > 0 else None), fps, size
 
 
 def read_video_frames(path: str | os.PathLike, indices: Sequence[int]) -> dict[int, np.ndarray]:

@@ -162,11 +162,12 @@ def test_forced_write_pins_only_what_the_correction_changed(small_model):
     prop = SAM2Propagator(small_model, SAM2Config(image_size=128))
     run(prop, frames[:2], {0: first_mask()})
     prop.step(frames[2])
-    fixed = prop._pending.predicted.copy()
+    predicted = prop.predicted_mask()
+    fixed = predicted.copy()
     fixed[fixed == 1] = 0
     fixed[40:70, 60:110] = 1  # object 1 corrected, object 2 (where not covered) as predicted
-    fixed[(prop._pending.predicted == 2)] = 2
-    assert not np.array_equal(fixed == 1, prop._pending.predicted == 1)
+    fixed[predicted == 2] = 2
+    assert not np.array_equal(fixed == 1, predicted == 1)
     prop.commit(mask=fixed, write=True)
     assert 2 in prop._mem[1].cond and 2 not in prop._mem[1].non_cond
     assert 2 not in prop._mem[2].cond and 2 in prop._mem[2].non_cond, "an object left as predicted was pinned"

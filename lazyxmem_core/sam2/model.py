@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, LazyXMemError
+from ..sam.refiner import resolve_device
 
 # name -> (config inside the sam2 package, official file name). Hiera depth tells them apart.
 SAM2_TYPES: dict[str, tuple[str, str]] = {
@@ -122,6 +123,7 @@ def load_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(checkpoint: str | Path, sam2_type: str | None = None, image_size: int = 1024,
                     device: str | torch.device = "cpu", target: str = BASE_CLASS) -> torch.nn.Module:
     """Build SAM 2.1 and load ``checkpoint`` strictly; ``sam2_type`` None: read from the weights."""
+    dev = resolve_device(device)  # a bad device is said before the file is read
     sd = load_state_dict(checkpoint)
     detected = detect_type(sd)
     if sam2_type is None:
@@ -139,17 +141,8 @@ def load_checkpoint(checkpoint: str | Path, sam2_type: str | None = None, image_
         first = str(e).splitlines()
         raise CheckpointError(f"{checkpoint} does not match SAM 2.1 {sam2_type}: {' '.join(first[:2])[:400]}; "
                               "pass the official sam2.1_hiera_*.pt file of that type") from e
-    return model.to(resolve_device(device)).eval()
+    return model.to(dev).eval()
 
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise LazyXMemError(f"unknown device {device!r}: use cpu or cuda") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LazyXMemError(f"device {device} was asked for (DEVICE / --device) but CUDA is not available: use cpu")
-    return dev
 
 
 _MODELS: dict[tuple, torch.nn.Module] = {}

@@ -18,8 +18,9 @@ the argmax over objects is the one with the highest logit, which is the official
 Memory writes follow the Lazy protocol: ``commit(write=False)`` (UDU) stores nothing for the
 frame, so later frames never read it (SAM 2 skips a missing entry); ``commit(mask, write=True)``
 (IDU) encodes each object the correction changed with the frame's own image features as a
-conditioning frame, which no later pass overwrites (the others are written as predicted). SAM 2's object score (``object_score_logits``; <= 0: the object
-is absent and its mask a constant, where pixel entropy says nothing) is exposed per object as
+conditioning frame, which no later pass overwrites (the others are written as predicted).
+SAM 2's object score (``object_score_logits``; <= 0: the object is absent and its mask a
+constant, where pixel entropy says nothing) is exposed per object as
 :attr:`SAM2Propagator.object_scores` for the Lazy controller.
 """
 from __future__ import annotations
@@ -74,7 +75,7 @@ class _Pending:
     feats: tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]
     outs: dict[int, dict]  # label -> track_step output on this frame
     given: set[int]
-    predicted: np.ndarray  # the frame's index mask as predicted (argmax), to tell corrected objects
+    probs: torch.Tensor  # (N+1, H, W), kept to tell which objects a commit's mask corrected
 
 
 class SAM2Propagator:
@@ -90,10 +91,8 @@ class SAM2Propagator:
         if self.config.bf16 and self.device.type != "cuda":
             raise LazyXMemError("bf16 needs a CUDA device: drop --sam2-bf16 or use --device cuda")
         self.video_length = video_length  # frames to be tracked, when known (SAM 2's pointer encoding uses it)
-        size = self.config.image_size
         self._mean = torch.tensor(IMG_MEAN, dtype=torch.float32)[:, None, None]
         self._std = torch.tensor(IMG_STD, dtype=torch.float32)[:, None, None]
-        self._size = size
         self.reset()
 
     @classmethod
@@ -171,9 +170,8 @@ class SAM2Propagator:
             logits = torch.cat([outs[label]["pred_masks"].float() for label in self.labels])  # (N, 1, h, w)
             logits = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)[:, 0]
             probs = torch.softmax(torch.cat([logits.new_zeros((1, *hw)), logits]), dim=0)
-            predicted = torch.tensor([0, *self.labels])[probs.argmax(0).cpu()].numpy()
         self._scores = {label: float(outs[label]["object_score_logits"].float().reshape(-1)[0]) for label in self.labels}
-        self._pending = _Pending(t, feats, outs, set(given_labels), predicted)
+        self._pending = _Pending(t, feats, outs, set(given_labels), probs)
         return probs.cpu().numpy().astype(np.float32, copy=False)
 
     def commit(self, mask: np.ndarray | None = None, write: bool | None = None) -> bool:
@@ -186,13 +184,15 @@ class SAM2Propagator:
             unknown = {int(v) for v in np.unique(mask)} - {0, *self._mem}
             if unknown:
                 raise LazyXMemError(f"commit mask has labels {sorted(unknown)} never given to step(); known: {self.labels}")
+        # The prediction's index mask only when there is a mask to compare (not on the hot path).
+        predicted = None if mask is None else self.predicted_mask()
         written = False
         with torch.inference_mode(), self._autocast():
             for label in self.labels:
                 mem, out = self._mem[label], p.outs[label]
                 # An object the mask leaves as predicted is written as predicted: only what a
                 # correction changed is pinned (a conditioning frame is never dropped by the window).
-                changed = mask is not None and not np.array_equal(mask == label, p.predicted == label)
+                changed = mask is not None and not np.array_equal(mask == label, predicted == label)
                 if label in p.given:  # an annotation always enters memory, as a conditioning frame
                     mem.cond[p.t] = self._memory_entry(p, out, from_mask=True)
                     mem.non_cond.pop(p.t, None)
@@ -217,6 +217,12 @@ class SAM2Propagator:
         self._t += 1
         return written
 
+    def predicted_mask(self) -> np.ndarray:
+        """The pending frame's index mask as predicted (argmax of step()'s probabilities)."""
+        if self._pending is None:
+            raise RuntimeError("predicted_mask() needs a pending step(): call step() first")
+        return torch.tensor([0, *self.labels])[self._pending.probs.argmax(0).cpu()].numpy()
+
     def snapshot(self) -> Any:
         # Stored entries are never modified in place: copying the dicts copies the state.
         return {"mem": {k: m.copy() for k, m in self._mem.items()}, "t": self._t, "hw": self._hw,
@@ -233,7 +239,8 @@ class SAM2Propagator:
     def _features(self, frame: np.ndarray) -> tuple:
         """The frame's backbone features, prepared as the official predictor does: PIL resize
         to image_size x image_size (its default filter), [0, 1], ImageNet mean and std."""
-        img = np.asarray(Image.fromarray(frame).resize((self._size, self._size))) / 255.0
+        side = self.config.image_size
+        img = np.asarray(Image.fromarray(frame).resize((side, side))) / 255.0
         x = (torch.from_numpy(img).permute(2, 0, 1).float() - self._mean) / self._std
         backbone = self.model.forward_image(x[None].to(self.device))
         _, vision_feats, vision_pos, feat_sizes = self.model._prepare_backbone_features(backbone)
@@ -242,8 +249,9 @@ class SAM2Propagator:
     def _mask_input(self, mask: np.ndarray) -> torch.Tensor:
         """A bool mask at the frame's size as SAM 2's mask input (add_new_mask's resizing)."""
         m = torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None].to(self.device)
-        if m.shape[-2:] != (self._size, self._size):
-            m = F.interpolate(m, size=(self._size, self._size), mode="bilinear", align_corners=False, antialias=True)
+        side = self.config.image_size
+        if m.shape[-2:] != (side, side):
+            m = F.interpolate(m, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
             m = (m >= 0.5).float()
         return m
 
@@ -262,7 +270,8 @@ class SAM2Propagator:
         a prediction from its high-resolution logits (as track_step does)."""
         vision_feats, _, feat_sizes = p.feats
         if from_mask:
-            high = F.interpolate(out["pred_masks"].float(), size=(self._size, self._size), mode="bilinear",
+            side = self.config.image_size
+            high = F.interpolate(out["pred_masks"].float(), size=(side, side), mode="bilinear",
                                  align_corners=False)
         else:
             high = out["pred_masks_high_res"]

@@ -22,7 +22,9 @@ prior squashed to the prompt encoder's mask size (256 x 256 at 1024).
 """
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,12 @@ class _Features:
     orig_hw: list[tuple[int, int]]
 
 
+# One 1024 twin per source model: building one costs seconds, and a refiner is built per
+# evaluated sequence; the twin goes when its model does.
+_TWINS: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+_TWINS_LOCK = threading.Lock()
+
+
 def image_model(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` when it runs at 1024, else a 1024 SAM2Base holding ``model``'s own tensors.
 
@@ -55,6 +63,13 @@ def image_model(model: torch.nn.Module) -> torch.nn.Module:
     """
     if int(model.image_size) == PREDICTOR_SIZE:
         return model
+    with _TWINS_LOCK:
+        if model not in _TWINS:
+            _TWINS[model] = _twin(model)
+        return _TWINS[model]
+
+
+def _twin(model: torch.nn.Module) -> torch.nn.Module:
     sam2_type = detect_type(dict.fromkeys(name for name, _ in model.named_parameters()))
     if sam2_type is None:
         raise LazyXMemError(f"cannot tell the SAM 2.1 type of a {type(model).__name__} (its Hiera depth is "
@@ -101,13 +116,6 @@ class SAM2Refiner(SamRefiner):
         self._setup(image_model(model), prior_prompt, cache_size)
 
     @classmethod
-    def from_model(  # type: ignore[override]
-        cls, model: torch.nn.Module, device: str | None = None, prior_prompt: str = "none", cache_size: int = 4,
-    ) -> SAM2Refiner:
-        """The same as the constructor (SamRefiner's spelling)."""
-        return cls(model, device, prior_prompt, cache_size)
-
-    @classmethod
     def from_checkpoint(
         cls,
         checkpoint: str | Path,
@@ -123,7 +131,6 @@ class SAM2Refiner(SamRefiner):
         the same checkpoint, type and device strings, both get one loaded model from
         :func:`shared_model`; the refiner still predicts at 1024.
         """
-        resolve_device(device)  # a clear error before any loading
         return cls(shared_model(checkpoint, sam2_type, image_size, device), None, prior_prompt, cache_size)
 
     # ---- SamRefiner's hooks
