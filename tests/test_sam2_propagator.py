@@ -329,3 +329,28 @@ def test_installed_sam2_is_the_pinned_code():
 
     assert version("sam2") == "1.1.0"
     assert sam2_source_digest() == SAM2_SOURCE_DIGEST, "the installed sam2 is not the pinned 1.1.0 upload"
+
+
+def test_tasks_of_one_size_on_one_shared_model_in_threads(small_model):
+    """Two tasks (same frame size, different content) propagated at the same time on the one
+    shared model give exactly what each gives alone: no state of one task leaks into the other."""
+    import threading
+
+    a, b = video(6, seed=0), [f[:, ::-1].copy() for f in video(6, seed=5)]
+    given_b = first_mask()[:, ::-1].copy()
+    alone = {k: run(SAM2Propagator(small_model, SAM2Config(image_size=128)), v, {0: g})
+             for k, v, g in (("a", a, first_mask()), ("b", b, given_b))}
+    together: dict[str, list[np.ndarray]] = {}
+
+    def task(k, frames, g):
+        together[k] = run(SAM2Propagator(small_model, SAM2Config(image_size=128)), frames, {0: g})
+
+    threads = [threading.Thread(target=task, args=args) for args in (("a", a, first_mask()), ("b", b, given_b))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not np.allclose(alone["a"][3], alone["b"][3])  # the two tasks really differ
+    for k in ("a", "b"):
+        for x, y in zip(alone[k], together[k]):
+            np.testing.assert_allclose(x, y, atol=1e-5)
