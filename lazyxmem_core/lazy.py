@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from . import failure
 from .protocols import Propagator, Refiner
 from .session_view import SessionView, correction_mask
 from .types import Click, Correction, Decision, FrameRecord, ObjectRecord, PackedMask
@@ -63,6 +64,18 @@ class LazyConfig:
     # pays when corrections are good: SAM, masks drawn by a reviewer).
     backward: bool = False
     backward_max: int = 250  # at most this many earlier frames are revised per correction
+    # Object-level failure signal (failure.py, not in the paper). S falls while an object is slowly
+    # lost (it is normalised by the shrinking mask), so "combined" adds the failure score F, which
+    # compares the object with its last human-made mask, to S: the dS / S triggers, the sustained
+    # run and the session's score then see S + F. "S" is the paper's behaviour.
+    score: Literal["S", "combined"] = "S"
+    # With "combined", also ask when F alone passes tau_f (None: never); each such request for an
+    # object raises the bar it needs next by tau_f_step (a loss F cannot tell from a change of
+    # look is not asked about over and over).
+    tau_f: float | None = None
+    tau_f_step: float = 0.5
+    failure_weights: tuple[tuple[str, float], ...] | None = None  # None: failure.DEFAULT_WEIGHTS
+    measure_failure: bool = True  # compute F (for reports) even when the triggers do not use it
 
     @classmethod
     def off(cls) -> LazyConfig:
@@ -143,6 +156,15 @@ class LazySession:
         self._anchors: dict[int, dict[int, PackedMask]] = {}
         self._high_run: dict[int, int] = {}  # label -> frames in a row with S above tau_s
         self._level_asks: dict[int, int] = {}  # label -> requests made by the sustained trigger
+        self._fail_asks: dict[int, int] = {}  # label -> requests made by the failure trigger (tau_f)
+        # frame -> label -> failure score F (objects with an anchor before the frame), and the
+        # figures it was weighed from: what reports correlate with the error.
+        self.failure_scores: dict[int, dict[int, float]] = {}
+        self.failure_figures: dict[tuple[int, int], dict[str, float]] = {}
+        self._anchor_models: dict[tuple[int, int, bytes], failure.Anchor | None] = {}
+        self._weights = dict(self.config.failure_weights) if self.config.failure_weights is not None else None
+        if self._weights is not None:
+            failure.failure_score({}, self._weights)  # unknown feature names fail here, not mid-video
         self._next = self.start
         if self.config.backward_max < 1:
             raise ValueError(f"backward_max must be >= 1, got {self.config.backward_max}")
@@ -207,6 +229,9 @@ class LazySession:
             self._restore_controller(controller)
         for t in [t for t in self.records if t >= resume]:
             del self.records[t]
+            self.failure_scores.pop(t, None)
+        for key in [k for k in self.failure_figures if k[0] >= resume]:
+            del self.failure_figures[key]
         for frames in self._anchors.values():
             for t in [t for t in frames if t >= resume]:
                 del frames[t]
@@ -246,11 +271,20 @@ class LazySession:
 
         objects: dict[int, ObjectRecord] = {}
         veto = False
-        for label in labels:
+        combined = cfg.score == "combined"
+        prepared = None
+        for k, label in enumerate(labels, start=1):
             mask = output == label
             u = object_uncertainty(probs, mask)
+            F = None
+            if (combined or cfg.measure_failure) and label not in given_labels:
+                if prepared is None:
+                    prepared = failure.Frame.prepare(frame)
+                F = self._failure(t, label, prepared, mask, probs[k])
+            # The score the triggers see: S (the paper), or S + F. dS is its change.
+            value = u.S + F if combined and F is not None else u.S
             prev = self._prev_S.get(label)
-            dS = None if prev is None else u.S - prev
+            dS = None if prev is None else value - prev
             rec = ObjectRecord(label=label, area=u.area, S=u.S, dS=dS)
             objects[label] = rec
             if cfg.udu and u.S > cfg.tau_m:
@@ -258,7 +292,7 @@ class LazySession:
             if label in given_labels:
                 continue
             vanished = label in scores and scores[label] <= 0 and self._prev_present.get(label, False)
-            rec.decision = self._decide(t, label, u.S, dS, u.area, vanished)
+            rec.decision = self._decide(t, label, value, dS, u.area, vanished, F if combined else None)
         lazy_seconds = time.perf_counter() - t1
 
         user_written = False
@@ -312,7 +346,7 @@ class LazySession:
                 self._prev_S.pop(label, None)
                 self._high_run.pop(label, None)
             else:
-                self._prev_S[label] = rec.S
+                self._prev_S[label] = rec.S + (self.failure_scores.get(t, {}).get(label, 0.0) if combined else 0.0)
             self._prev_area[label] = rec.area
             if label in scores:
                 self._prev_present[label] = scores[label] > 0 or label in given_labels
@@ -378,7 +412,30 @@ class LazySession:
         finally:
             self.propagator.restore(state)
 
-    def _decide(self, t: int, label: int, S: float, dS: float | None, area: int, vanished: bool = False) -> Decision:
+    def _failure(self, t: int, label: int, frame: failure.Frame, mask: np.ndarray, prob: np.ndarray) -> float | None:
+        """F of one object on frame t against its last anchor before t (None: no anchor yet)."""
+        s = self._last_anchor(label, t, None)
+        if s is None:
+            return None
+        packed = self._anchors[label][s]
+        key = (label, s, packed.data)  # a deferred correction can replace the anchor on frame s
+        if key not in self._anchor_models:
+            if len(self._anchor_models) >= 64:  # anchors of earlier corrections are rarely needed again
+                self._anchor_models.clear()
+            self._anchor_models[key] = failure.Anchor.from_mask(failure.Frame.prepare(self.frames[s]), packed.unpack())
+        anchor = self._anchor_models[key]
+        if anchor is None:
+            return None
+        figures = failure.features(frame, anchor, mask, prob)
+        F = failure.failure_score(figures, self._weights)
+        self.failure_figures[(t, label)] = figures
+        self.failure_scores.setdefault(t, {})[label] = F
+        return F
+
+    def _decide(self, t: int, label: int, S: float, dS: float | None, area: int, vanished: bool = False,
+                F: float | None = None) -> Decision:
+        """S and dS are the trigger's score and its change (S + F with ``score="combined"``); F is
+        the failure score alone (None when the triggers do not use it)."""
         cfg = self.config
         if t in self.forced_user:
             if label in self.forced_user[t]:
@@ -393,6 +450,11 @@ class LazySession:
             asked = self._level_asks.get(label, 0)
             if cfg.user and run >= cfg.level_run * 2 ** asked and self._user_allowed(t, label):
                 self._level_asks[label] = asked + 1
+                return self._count_user(t, label)
+        if cfg.user and cfg.tau_f is not None and F is not None:
+            asked = self._fail_asks.get(label, 0)
+            if F > cfg.tau_f + cfg.tau_f_step * asked and self._user_allowed(t, label):
+                self._fail_asks[label] = asked + 1
                 return self._count_user(t, label)
         if cfg.detect_loss and vanished and self._user_allowed(t, label):
             return self._count_user(t, label)  # the propagator itself says the object just went
@@ -444,7 +506,10 @@ class LazySession:
         """An immutable copy of the results so far (cheap: it shares the packed masks)."""
         h, w = self._replay.given[self.start].shape[:2]
         records = self.ordered_records()
-        S = [min(1.0, o.S) for r in records for o in r.objects.values() if o.area > 0]
+        # The score that drives the triggers: S, or S + F with score="combined".
+        extra = self.failure_scores if self.config.score == "combined" else {}
+        S = [min(1.0, o.S + extra.get(r.index, {}).get(v, 0.0)) for r in records for v, o in r.objects.items()
+             if o.area > 0]
         labels = sorted({v for r in records for v in r.objects} | set(self._anchors))
         return SessionView(
             video_key=self.video_key, n_frames=len(self.frames), shape=(h, w), labels=tuple(labels),
@@ -464,7 +529,7 @@ class LazySession:
     def _controller_state(self) -> dict[str, Any]:
         return {"prev_S": dict(self._prev_S), "prev_area": dict(self._prev_area),
                 "prev_present": dict(self._prev_present), "last_user": dict(self._last_user), "n_user": self._n_user, "high_run": dict(self._high_run),
-                "level_asks": dict(self._level_asks)}
+                "level_asks": dict(self._level_asks), "fail_asks": dict(self._fail_asks)}
 
     def _restore_controller(self, state: dict[str, Any]) -> None:
         self._prev_S = dict(state["prev_S"])
@@ -474,9 +539,10 @@ class LazySession:
         self._n_user = state["n_user"]
         self._high_run = dict(state["high_run"])
         self._level_asks = dict(state["level_asks"])
+        self._fail_asks = dict(state["fail_asks"])
 
     def _reset_controller(self) -> None:
-        self._restore_controller({"prev_S": {}, "prev_area": {}, "prev_present": {}, "last_user": {}, "n_user": 0, "high_run": {}, "level_asks": {}})
+        self._restore_controller({"prev_S": {}, "prev_area": {}, "prev_present": {}, "last_user": {}, "n_user": 0, "high_run": {}, "level_asks": {}, "fail_asks": {}})
 
     def _periodic(self, t: int) -> bool:
         return t == self.start or (t - self.start) % max(1, self.config.snapshot_every) == 0
