@@ -218,9 +218,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
                        config=_lazy_config(a, settings), robot=a.robot, correction=a.correction, k=a.k, seed=a.seed,
                        save_masks=not a.no_masks)
     print((Path(a.out) / "table.md").read_text())
-    print(f"J&F {100 * summary['J&F']:.1f}, N_oI {summary['N_oI']}, rate {summary['interaction_rate']:.2f} %, "
+    print(f"J&F {100 * summary['J&F']:.1f}, N_oI {summary['N_oI']}, rate {100 * summary['interaction_rate']:.2f} %, "
           f"{summary['fps']:.1f} fps, Lazy layer {100 * summary['lazy_overhead']:.1f} % of propagation time, "
-          f"Spearman(S, 1-IoU) {summary['spearman_S_error']:.3f}")
+          f"Spearman(S, 1-IoU) {summary['spearman_S_error']:.3f}, "
+          f"Spearman(S + failure score, 1-IoU) {summary['spearman_failure_error']:.3f}")
     return 0
 
 

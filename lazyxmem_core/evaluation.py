@@ -83,6 +83,7 @@ class SequenceResult:
     object_frames: dict[int, int]  # label -> frames the object is tracked on
     seconds: float
     ious: dict[int, list[float]] = field(default_factory=dict)  # label -> IoU per GT frame (NaN elsewhere)
+    failure: dict[int, dict[int, float]] = field(default_factory=dict)  # frame -> label -> failure score F
 
     @property
     def n_user(self) -> int:
@@ -122,10 +123,11 @@ def run_sequence(
     t0 = time.perf_counter()
     records = session.run(progress=progress)
     seconds = time.perf_counter() - t0
-    return _score(seq, records, seconds)
+    return _score(seq, records, seconds, session.failure_scores)
 
 
-def _score(seq: EvalSequence, records: list[FrameRecord], seconds: float) -> SequenceResult:
+def _score(seq: EvalSequence, records: list[FrameRecord], seconds: float,
+           failure: dict[int, dict[int, float]] | None = None) -> SequenceResult:
     by_index = {r.index: r for r in records}
     gt_frames = sorted(t for t in seq.gt if t in by_index)
     labels = seq.labels
@@ -148,7 +150,23 @@ def _score(seq: EvalSequence, records: list[FrameRecord], seconds: float) -> Seq
     for t, p, g in zip(gt_frames, preds, gts):
         for label in labels:
             ious[label][t] = metrics.jaccard(p == label, g == label)
-    return SequenceResult(seq.name, records, scores, interactions, pseudo, object_frames, seconds, ious)
+    return SequenceResult(seq.name, records, scores, interactions, pseudo, object_frames, seconds, ious,
+                          dict(failure or {}))
+
+
+def error_pairs(results: Sequence[SequenceResult], combined: bool) -> list[tuple[float, float]]:
+    """(score, 1 - IoU) per object-frame with ground truth, given frames left out; the score is S,
+    or S + F (the failure score, where the object has an anchor) with ``combined``."""
+    pairs = []
+    for r in results:
+        for rec in r.records:
+            if rec.given:
+                continue
+            for label, iou in r.ious.items():
+                if label in rec.objects and not np.isnan(iou[rec.index]):
+                    F = r.failure.get(rec.index, {}).get(label, 0.0) if combined else 0.0
+                    pairs.append((rec.objects[label].S + F, 1.0 - iou[rec.index]))
+    return pairs
 
 
 def random_schedule(seq_len: int, start: int, labels: Sequence[int], count: int, seed: int) -> dict[int, list[int]]:
@@ -248,8 +266,6 @@ def summarise(results: list[SequenceResult], mode: str) -> dict:
     interactions = {(r.name, label): frames for r in results for label, frames in r.interactions.items()}
     object_frames = {(r.name, label): n for r in results for label, n in r.object_frames.items()}
     work = metrics.workload(interactions, object_frames)
-    pairs = [(rec.objects[label].S, 1.0 - iou[rec.index]) for r in results for rec in r.records if not rec.given
-             for label, iou in r.ious.items() if label in rec.objects and not np.isnan(iou[rec.index])]
     frames = sum(len(r.records) for r in results)
     seconds = sum(r.seconds for r in results)
     prop = sum(rec.seconds for r in results for rec in r.records)
@@ -258,12 +274,15 @@ def summarise(results: list[SequenceResult], mode: str) -> dict:
         "mode": mode,
         **{key: figures[key] for key in ("J&F", "J", "F", "R@0.1", "R@0.25", "R@0.5")},
         "N_dI": work["N_dI"], "N_oI": work["N_oI"], "dI": work["dI"],
-        "interaction_rate": work["interaction_rate"],
+        # A fraction in [0, 1] like J&F and R@ (metrics.workload gives percent).
+        "interaction_rate": work["interaction_rate"] / 100.0,
         "pseudo_corrections": sum(r.pseudo for r in results),
         "fps": frames / seconds if seconds else float("nan"),
         "lazy_overhead": lazy / prop if prop else float("nan"),
-        # How well uncertainty predicts failure (the paper's measure): Spearman(S_c, 1 - IoU) per object-frame.
-        "spearman_S_error": spearman(pairs),
+        # How well uncertainty predicts failure (the paper's measure): Spearman(S_c, 1 - IoU) per
+        # object-frame, pooled; and the same for S + F, the score with the object-level failure signal.
+        "spearman_S_error": spearman(error_pairs(results, combined=False)),
+        "spearman_failure_error": spearman(error_pairs(results, combined=True)),
         "frames": frames,
         "sequences": {},
     }
@@ -273,8 +292,10 @@ def summarise(results: list[SequenceResult], mode: str) -> dict:
                              {k: v for k, v in object_frames.items() if k[0] == r.name})
         summary["sequences"][r.name] = {
             **{key: f[key] for key in ("J&F", "J", "F", "R@0.1", "R@0.25", "R@0.5")},
-            "N_oI": w["N_oI"], "interaction_rate": w["interaction_rate"], "pseudo_corrections": r.pseudo,
+            "N_oI": w["N_oI"], "interaction_rate": w["interaction_rate"] / 100.0, "pseudo_corrections": r.pseudo,
             "fps": len(r.records) / r.seconds if r.seconds else float("nan"),
+            "spearman_S_error": spearman(error_pairs([r], combined=False)),
+            "spearman_failure_error": spearman(error_pairs([r], combined=True)),
         }
     return summary
 
@@ -305,14 +326,14 @@ def write_reports(results: list[SequenceResult], summary: dict, out: Path, mode:
                     "pseudo_corrections", "fps"])
         for name, s in summary["sequences"].items():
             w.writerow([name] + [f"{s[k]:.4f}" for k in ("J&F", "J", "F", "R@0.1", "R@0.25", "R@0.5")]
-                       + [s["N_oI"], f"{s['interaction_rate']:.3f}", s["pseudo_corrections"], f"{s['fps']:.2f}"])
+                       + [s["N_oI"], f"{s['interaction_rate']:.5f}", s["pseudo_corrections"], f"{s['fps']:.2f}"])
     s = summary
     lines = [
         "| Method | J&F | R@0.1 | R@0.25 | R@0.5 | N_dI | N_oI | dI | rate % |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| {mode} | {_fmt(s['J&F'])} | {_fmt(s['R@0.1'])} | {_fmt(s['R@0.25'])} | {_fmt(s['R@0.5'])} | "
         f"{_fmt(s['N_dI'], False) if s['N_oI'] else '-'} | {s['N_oI'] if mode != 'none' else '-'} | "
-        f"{_fmt(s['dI'], False)} | {_fmt(s['interaction_rate'], False) if mode != 'none' else '-'} |",
+        f"{_fmt(s['dI'], False)} | {_fmt(100 * s['interaction_rate'], False) if mode != 'none' else '-'} |",
         "",
         "| Sequence | J&F | J | F | R@0.5 | N_oI | pseudo | fps |",
         "|---|---|---|---|---|---|---|---|",

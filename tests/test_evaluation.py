@@ -12,7 +12,8 @@ from lazyxmem_core.evaluation import EvalSequence, every_k_schedule, random_sche
 from lazyxmem_core.media import write_index_mask
 from synthetic import make_video
 
-KEYS = {"J&F", "J", "F", "R@0.1", "R@0.25", "R@0.5", "N_dI", "N_oI", "dI", "interaction_rate", "fps"}
+KEYS = {"J&F", "J", "F", "R@0.1", "R@0.25", "R@0.5", "N_dI", "N_oI", "dI", "interaction_rate", "fps",
+        "spearman_S_error", "spearman_failure_error"}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,12 @@ def test_eval_writes_table_csv_plots_and_summary(dataset, tmp_path, mode):
         assert len(list((out / "masks" / name).glob("*.png"))) == 16
     if mode == "none":
         assert summary["N_oI"] == 0
+    # The rate is a fraction like J&F: N_oI over the object-frames (3 sequences x 16 frames, 4 objects).
+    object_frames = 16 * 4
+    assert summary["interaction_rate"] == pytest.approx(summary["N_oI"] / object_frames)
+    assert 0 <= summary["interaction_rate"] <= 1
+    for s in summary["sequences"].values():
+        assert 0 <= s["interaction_rate"] <= 1
 
 
 def test_oracle_corrections_with_a_scheduled_user_do_not_hurt(dataset, tmp_path):
