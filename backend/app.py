@@ -20,8 +20,9 @@ from lazyxmem_core.engines import propagator_name, refiner_name
 from lazyxmem_core.errors import LazyXMemError
 
 from . import export
-from .checks import Malformed, check_regions, check_task, check_webhook, got, safe_message, shown
+from .checks import Malformed, check_regions, check_task, got, safe_message, shown
 from .labelconfig import ConfigError, parse_label_config
+from .notices import Busy
 from .service import Service
 from .settings import BackendSettings
 
@@ -73,6 +74,12 @@ def _task_ids(tasks: list | None = None) -> str:
     ids = [shown(t.get("id"), 24) for t in tasks[:20]]  # a log line, not a copy of the body
     more = f" and {len(tasks) - 20} more" if len(tasks) > 20 else ""
     return "task " + ",".join(ids) + more if ids else "(no task)"
+
+
+def _project_id(body: dict) -> int | None:
+    """The project id in /setup's and /predict's ``project`` ("<id>.<created-at>", or the id)."""
+    head = str(body.get("project", "")).split(".")[0]
+    return int(head) if head.isdigit() and len(head) < 19 else None
 
 
 def _check_auth(user: str, password: str) -> bool:
@@ -140,7 +147,7 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
     @app.get("/health")
     def health() -> Any:
         return jsonify(status="UP", model_class="LazyXMem", engine=propagator_name(settings),
-                       refiner=refiner_name(settings), version=__version__)
+                       refiner=refiner_name(settings), version=__version__, jobs=model.jobs.counts())
 
     @app.post("/setup")
     def setup() -> Any:
@@ -152,7 +159,10 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
             raise Malformed(f"'schema' must be a label config (a string), {got(schema)}")
         if schema:
             parse_label_config(schema)  # a config we cannot serve is reported at connection time
-            model.label_configs[str(body.get("project", "")).split(".")[0]] = schema
+        project = _project_id(body)
+        if project is None:
+            raise Malformed(f"'project' must be Label Studio's '<id>.<created-at>', {got(body.get('project'))}")
+        model.projects.add(project, schema or "")  # webhooks are acted on for connected projects only
         return jsonify(model_version=model_version)
 
     @app.get("/versions")
@@ -197,7 +207,8 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
             check_regions(context["result"], "params.context.result", max_pixels)
         if body.get("label_config") is not None and not isinstance(body["label_config"], str):
             raise Malformed(f"'label_config' must be a string, {got(body['label_config'])}")
-        config = body.get("label_config") or model.label_configs.get(str(body.get("project", "")).split(".")[0])
+        project = _project_id(body)
+        config = body.get("label_config") or (model.projects.config(project) if project is not None else None)
         if not config:
             raise _BadRequest("no label config: send 'label_config' or call /setup for this project first")
         t0 = time.perf_counter()
@@ -218,14 +229,14 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
                 return jsonify(error=f"webhook secret missing or wrong: Label Studio must send the {WEBHOOK_SECRET_HEADER} "
                                      "header (Settings -> Webhooks -> this backend's webhook -> Headers) or the "
                                      "webhook URL must end in ?secret=<WEBHOOK_SECRET>"), 403
-        body = json_body()
-        check_webhook(body, max_pixels)
-        action = body.get("action")
-        if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
-            return jsonify(model.on_annotation(body)), 200
-        if action == "TASKS_CREATED":
-            return jsonify(model.on_tasks_created(body)), 200
-        return jsonify(status="ignored", action=None if action is None else shown(action)), 200
+        # Only ids are read: the task, its annotation and the config are read back from Label
+        # Studio, off this thread (backend.notices).
+        try:
+            reply, status = model.webhook(json_body())
+        except Busy as exc:
+            log.warning("webhook refused: %s", exc)
+            return jsonify(error=str(exc)), 429
+        return jsonify(reply), status
 
     @app.get("/jobs/<job_id>")
     def job(job_id: str) -> Any:
@@ -233,6 +244,11 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
         if job is None:
             return jsonify(error=f"no job {shown(job_id)}"), 404
         return jsonify(job)
+
+    @app.delete("/tasks/<int:task_id>/jobs")
+    def cancel_jobs(task_id: int) -> Any:
+        # Queued jobs are dropped, a running one stops at its next frame and posts nothing.
+        return jsonify(canceled=model.jobs.cancel_task(task_id))
 
     @app.get("/tasks/<int:task_id>/masks")
     def masks(task_id: int) -> Any:

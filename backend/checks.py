@@ -229,21 +229,6 @@ def check_task(task: Any, where: str, max_pixels: int) -> None:
             check_annotation(ann, f"{where}.{key}[{i}]", max_pixels)
 
 
-def check_webhook(body: dict, max_pixels: int) -> None:
-    """A webhook payload: whatever of it the backend reads (action, project, task(s), annotation)."""
-    _optional(body, "action", str, "webhook", "a string")
-    project = _optional(body, "project", dict, "webhook", "an object") or {}
-    _optional(project, "label_config", str, "project", "a string")
-    if project.get("id") is not None:
-        whole(project["id"], "project.id")
-    if body.get("task") is not None:
-        check_task(body["task"], "task", max_pixels)
-    if body.get("annotation") is not None:
-        check_annotation(body["annotation"], "annotation", max_pixels)
-    for i, task in enumerate(_optional(body, "tasks", list, "webhook", "a list") or []):
-        check_task(task, f"tasks[{i}]", max_pixels)
-
-
 # -- frames ------------------------------------------------------------------------------------
 def image_size(path: str | Path, name: str) -> tuple[int, int]:
     """(width, height) from an image file's header; PIL reads no pixel data for it."""

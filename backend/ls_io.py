@@ -11,6 +11,13 @@ from lazyxmem_core.errors import LazyXMemError
 log = logging.getLogger(__name__)
 
 
+def upstream_status(exc: BaseException) -> int | None:
+    """The HTTP status of a failed Label Studio call (None: no answer). Only the status is ever
+    shown or logged: Label Studio's error body and headers (a session cookie) stay here."""
+    status = getattr(exc, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
 class PostLedger:
     """Remembers which job ids have posted their prediction (in memory, or in Redis when shared)."""
 
@@ -75,6 +82,14 @@ class LabelStudioIO:
         """A task with its annotations."""
         task = self.client().tasks.get(id=str(task_id))
         return task.model_dump(mode="json") if hasattr(task, "model_dump") else dict(task)
+
+    def annotation(self, annotation_id: int) -> dict:
+        """An annotation as Label Studio holds it (its result, its task, the prediction it came from)."""
+        ann = self.client().annotations.get(id=annotation_id)
+        return ann.model_dump(mode="json") if hasattr(ann, "model_dump") else dict(ann)
+
+    def label_config(self, project_id: int) -> str:
+        return str(self.client().projects.get(id=project_id).label_config or "")
 
     def has_prediction(self, task_id: int, model_version: str) -> bool:
         return any(p.model_version == model_version for p in self.client().predictions.list(task=task_id))

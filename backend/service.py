@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,11 +38,12 @@ from . import convert, edits
 from .convert import ObjectPrompt, TaskError
 from .edits import Corrections, initial_regions, start_digest
 from .bounded_media import BoundedMedia
-from .checks import safe_message
+from .checks import InputError, check_annotation, check_task, safe_message, shown
 from .fetch import MediaFetcher
 from .jobs import JobSpec, PriorityGate, Progress, make_queue
 from .labelconfig import LabelConfig, parse_label_config
-from .ls_io import LabelStudioIO, PostLedger
+from .ls_io import LabelStudioIO, PostLedger, upstream_status
+from .notices import IMPORT, ConnectedProjects, Notice, Notifier, NotYet, notices_from
 from .settings import BackendSettings
 from .task_store import TaskState, TaskStore, ViewStore, video_key
 
@@ -68,7 +70,10 @@ class Service:
         self._refiner_lock = threading.Lock()
         self._sync_slot = threading.Semaphore(1)
         self.gate = PriorityGate()
-        self.label_configs: dict[str, str] = {}  # project id -> label config, from /setup
+        # Projects that called /setup (webhooks are acted on for these only) and their configs.
+        self.projects = ConnectedProjects(Path(settings.cache_dir) / "projects.json", self.redis)
+        self._project_configs: dict[int, tuple[float, str]] = {}  # read back from Label Studio
+        self.notifier = Notifier(self.on_notice, settings.max_pending_notices)
         self.seconds_per_object_frame = 0.25  # running estimate, refined after each propagation
 
     @property
@@ -405,49 +410,112 @@ class Service:
             state.applied.update(new)
             state.publish(revision=revision or state.revision + 1)
 
-    def on_annotation(self, payload: dict) -> dict:
-        """ANNOTATION_CREATED / UPDATED: frames the annotator changed become corrections."""
-        annotation = payload.get("annotation") or {}
-        task = payload.get("task") or {}
-        project = payload.get("project") or {}
-        if not task.get("id"):
-            raise TaskError("webhook payload has no task")
-        cfg = parse_label_config(project.get("label_config") or "")
+    # -- webhooks: notices read back from Label Studio --------------------------------------------
+    def webhook(self, body: dict) -> tuple[dict, int]:
+        """A webhook, read for its ids only (see ``backend.notices``): the reply and its status."""
+        notices = notices_from(body, self.settings.max_webhook_tasks)
+        action = body.get("action")
+        if notices is None:
+            return {"status": "ignored", "action": None if action is None else shown(action)}, 200
+        project = notices[0].project if notices else None
+        if project is None or project not in self.projects:
+            log.warning("webhook %s for project %s ignored: that project has not connected this backend "
+                        "(Label Studio calls /setup when it does)", shown(action), project)
+            return {"status": "ignored", "reason": f"project {project} is not connected to this backend"}, 200
+        if notices[0].kind == IMPORT and not self.settings.preannotate_on_import:
+            return {"status": "ignored", "reason": "PREANNOTATE_ON_IMPORT is off"}, 200
+        new = self.notifier.submit(notices)
+        return {"status": "accepted", "notices": new}, 202
+
+    def on_notice(self, notice: Notice) -> None:
+        """A notice, looked up in Label Studio (in the notifier's thread): what Label Studio holds
+        decides what is done, never what the webhook said."""
+        try:
+            task = self.ls.task(notice.task)
+            annotation = self.ls.annotation(notice.annotation) if notice.annotation is not None else None
+        except Exception as exc:
+            status = upstream_status(exc)
+            if status == 404 and notice.kind == IMPORT:
+                raise NotYet() from None  # an upload's webhook can come before the task is readable
+            log.warning("task %s: %s webhook dropped: Label Studio answers %s for it", notice.task, notice.kind,
+                        status if status is not None else type(exc).__name__)
+            return
+        try:  # Label Studio's data is checked like a request's: any user of it may have written it
+            check_task(task, f"task {notice.task}", self.settings.max_pixels)
+            if annotation is not None:
+                check_annotation(annotation, f"annotation {notice.annotation}", self.settings.max_pixels)
+        except InputError as exc:
+            log.warning("task %s: %s webhook dropped: %s", notice.task, notice.kind, safe_message(str(exc)))
+            return
+        project = task.get("project") if isinstance(task.get("project"), int) else 0
+        if project != notice.project or project not in self.projects:
+            log.warning("task %s: webhook named project %s, but the task is in project %s%s; dropped", notice.task,
+                        notice.project, project, "" if project in self.projects else " (not connected)")
+            return
+        cfg = parse_label_config(self.project_config(project))
+        if annotation is None:
+            self.preannotate([task], cfg.xml, read_back=False)
+            return
+        if int(annotation.get("task") or 0) != notice.task:
+            log.warning("task %s: annotation %s belongs to task %s; webhook dropped", notice.task, notice.annotation,
+                        annotation.get("task"))
+            return
+        self.on_annotation(task, annotation, cfg)
+
+    def project_config(self, project: int) -> str:
+        """The project's label config as Label Studio has it now (read at most once a minute)."""
+        now = time.monotonic()
+        cached = self._project_configs.get(project)
+        if cached is None or now - cached[0] > 60:
+            cached = self._project_configs[project] = (now, self.ls.label_config(project))
+        return cached[1]
+
+    def on_annotation(self, task: dict, annotation: dict, cfg: LabelConfig) -> dict:
+        """An annotation created or updated (as Label Studio holds it): the frames the annotator
+        changed become corrections; an annotation that brings the task's first regions starts it."""
+        task_id = int(task["id"])
+        task = {**task, "annotations": [a for a in task.get("annotations") or [] if a.get("id") != annotation.get("id")]
+                + [annotation]}
         # With Redis the job carries the annotation itself: whichever worker takes it rebuilds the
         # prediction and compares, so every edit so far counts, wherever earlier jobs ran.
-        state = None if self.settings.redis_url else self.tasks.held(int(task["id"]))
+        state = None if self.settings.redis_url else self.tasks.held(task_id)
         if state is None:
             # A restart or an evicted session: rebuilding means propagating the whole video, which
-            # does not belong inside the webhook call. The annotation that fired the webhook must
-            # not be mistaken for the initial regions.
+            # does not belong here. The annotation must not be mistaken for the initial regions,
+            # unless it is the first to bring any: then it starts the task (and is posted whatever
+            # the edit tolerance says).
             base = dict(task)
-            base["annotations"] = [a for a in task.get("annotations") or [] if a.get("id") != annotation.get("id")]
+            base["annotations"] = [a for a in task["annotations"] if a.get("id") != annotation.get("id")]
+            if not initial_regions(base):
+                base = task
             regions = initial_regions(base)
             if not regions:
-                base["annotations"] = [annotation]
-                regions = initial_regions(base)
-            self.check_objects(int(task["id"]), cfg, regions)
+                log.info("task %s: annotation %s has no region; nothing to do", task_id, annotation.get("id"))
+                return {"status": "no region"}
+            self.check_objects(task_id, cfg, regions)
             job = self.submit("annotation", base, cfg.xml, 0, annotation=annotation)
             return {"status": "rebuilding", "job": job}
         corrections = edits.annotation_corrections(cfg, state.objects, state.masks(), annotation)
         if not corrections:
+            log.info("task %s: annotation %s changes no frame; nothing to re-propagate", task_id, annotation.get("id"))
             return {"status": "no change"}
         job = self.schedule_correction(state, corrections)
         return {"status": "re-propagating", "job": job, "frames": sorted({t + 1 for t, _ in corrections})}
 
-    # -- pre-annotation on import ----------------------------------------------------------------
-    def preannotate(self, tasks: list[dict], label_config: str) -> dict:
-        """Queue a propagation job for each task that carries initial regions; skip the others."""
+    # -- pre-annotation --------------------------------------------------------------------------
+    def preannotate(self, tasks: list[dict], label_config: str, read_back: bool = True) -> dict:
+        """Queue a propagation job for each task that carries initial regions; skip the others.
+        ``read_back``: a task listed without annotations is read from Label Studio first."""
         cfg = parse_label_config(label_config)  # a config we cannot serve fails here, not in every job
         jobs, skipped, refused = {}, [], {}
         for task in tasks:
             regions = initial_regions(task)
-            if not regions and task.get("id") and self.ls.configured:
+            if not regions and read_back and task.get("id") and self.ls.configured:
                 try:
-                    task = self.ls.task(int(task["id"]))  # webhook tasks come without annotations
-                except Exception as exc:  # an upload's webhook can arrive before the task is readable
-                    log.info("task %s: not readable from Label Studio yet (%s); skipped",
-                             task.get("id"), type(exc).__name__)
+                    task = self.ls.task(int(task["id"]))
+                except Exception as exc:
+                    log.info("task %s: not readable from Label Studio (%s); skipped", task.get("id"),
+                             upstream_status(exc) or type(exc).__name__)
                     skipped.append(task.get("id"))
                     continue
                 regions = initial_regions(task)
@@ -465,18 +533,6 @@ class Service:
             jobs[task["id"]] = self.submit("propagate", task, label_config, frames)
         log.info("pre-annotation: %d task(s) queued, %d without regions skipped", len(jobs), len(skipped))
         return {"status": "queued", "jobs": jobs, "skipped": skipped, **({"refused": refused} if refused else {})}
-
-    def on_tasks_created(self, payload: dict) -> dict:
-        """TASKS_CREATED (an import): pre-annotate the tasks that carry regions."""
-        if not self.settings.preannotate_on_import:
-            return {"status": "ignored", "reason": "PREANNOTATE_ON_IMPORT is off"}
-        project = payload.get("project") or {}
-        config = project.get("label_config") or self.label_configs.get(str(project.get("id", "")))
-        if not config:
-            raise TaskError(f"TASKS_CREATED for project {project.get('id')} without its label config: "
-                            "connect the backend to the project (it calls /setup) and import again")
-        tasks = [t for t in payload.get("tasks") or [] if isinstance(t, dict)]
-        return self.preannotate(tasks, config)
 
     # -- jobs ------------------------------------------------------------------------------------
     def submit(self, kind: str, task: dict, label_config: str, total: int, **extra: Any) -> str:
@@ -496,10 +552,14 @@ class Service:
                 self.apply_corrections(state, spec.corrections, progress, spec.revision)
             elif spec.kind == "annotation":
                 corrections = edits.annotation_corrections(cfg, state.objects, state.masks(), spec.annotation or {})
-                if not corrections:
+                # The annotation that brought the first regions started the session: its
+                # prediction is posted though nothing differs from what it was built from.
+                first = initial_regions(spec.task) == (spec.annotation or {}).get("result")
+                if not corrections and not first:
                     log.info("task %s: the annotation changes no frame; nothing to re-propagate", spec.task_id)
                     return {"posted": False, "frames": []}
-                self.apply_corrections(state, corrections, progress)
+                if corrections:
+                    self.apply_corrections(state, corrections, progress)
             pred = self.prediction(state)
             if self.views is not None:
                 self.views.put(spec.task, self.model_version, spec.submitted, state.view, state.revision, pred,

@@ -69,8 +69,12 @@ class BackendSettings:
     # Label Studio cannot sign its webhooks, but it sends the headers set on the webhook: with a
     # secret, /webhook answers only requests carrying it (X-Webhook-Secret header or ?secret=).
     webhook_secret: str | None = None
+    max_webhook_tasks: int = 1000  # task ids one TASKS_CREATED may name (each is one Label Studio read)
+    max_pending_notices: int = 10000  # webhook notices waiting to be read back from Label Studio
     job_retries: int = 2
     job_timeout_s: int = 6 * 3600
+    # Queued (not yet running) jobs one Label Studio project may hold; past it a submission is a 422.
+    max_queued_per_project: int = 200
     engine: EngineSettings = field(default_factory=EngineSettings)
     lazy: LazyConfig | None = None  # None: the engine's thresholds, object-loss detection on
 
@@ -98,8 +102,11 @@ class BackendSettings:
             basic_auth_user=os.environ.get("BASIC_AUTH_USER") or None,
             basic_auth_pass=os.environ.get("BASIC_AUTH_PASS") or None,
             webhook_secret=os.environ.get("WEBHOOK_SECRET") or None,
+            max_webhook_tasks=int(_env_float("MAX_WEBHOOK_TASKS", cls.max_webhook_tasks)),
+            max_pending_notices=int(_env_float("MAX_PENDING_NOTICES", cls.max_pending_notices)),
             job_retries=int(_env_float("JOB_RETRIES", cls.job_retries)),
             job_timeout_s=int(_env_float("JOB_TIMEOUT_S", cls.job_timeout_s)),
+            max_queued_per_project=int(_env_float("MAX_QUEUED_PER_PROJECT", cls.max_queued_per_project)),
             engine=engine,
             lazy=lazy_config(engine, tau_u=_env_opt("TAU_U"), tau_p=_env_opt("TAU_P"), tau_m=_env_opt("TAU_M"),
                              user_budget=_int_or_none(_env_opt("REVIEW_BUDGET")),

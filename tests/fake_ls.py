@@ -1,5 +1,7 @@
-"""A local stand-in for Label Studio's API: serves task media (token required), records the
-predictions posted back and lists them, the way label-studio-sdk calls them."""
+"""A local stand-in for Label Studio's API: serves task media (token required), the tasks,
+annotations and projects a test puts in it (``/api/tasks/<id>/`` ...: what the backend reads back
+when a webhook names them), records the predictions posted back and lists them, the way
+label-studio-sdk calls them."""
 from __future__ import annotations
 
 import json
@@ -13,6 +15,8 @@ TOKEN = "t" * 40
 class FakeLabelStudio(BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     posted: list[dict] = []
+    records: dict[str, dict[int, dict]] = {"tasks": {}, "annotations": {}, "projects": {}}
+    reads: list[str] = []  # API paths read, in order
     lock = threading.Lock()
 
     def log_message(self, *args):
@@ -37,6 +41,16 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
             self.end_headers()
             return
         url = urlsplit(self.path)
+        parts = url.path.strip("/").split("/")
+        if len(parts) == 3 and parts[0] == "api" and parts[1] in self.records:
+            with self.lock:
+                self.reads.append(url.path)
+            record = self.records[parts[1]].get(int(parts[2])) if parts[2].isdigit() else None
+            if record is None:
+                self._json(404, {"detail": "Not found.", "status_code": 404})
+            else:
+                self._json(200, record)
+            return
         if url.path.rstrip("/") == "/api/predictions":
             task = parse_qs(url.query).get("task", [None])[0]
             with self.lock:
@@ -62,3 +76,21 @@ def serve() -> tuple[ThreadingHTTPServer, str]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeLabelStudio)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def holds(task: dict, project: int = 3, label_config: str | None = None) -> dict:
+    """Put ``task`` (and its annotations) into the fake Label Studio, in ``project``."""
+    task = {**task, "project": project}
+    recs = FakeLabelStudio.records
+    recs["tasks"][int(task["id"])] = task
+    for ann in task.get("annotations") or []:
+        recs["annotations"][int(ann["id"])] = {**ann, "task": int(task["id"])}
+    if label_config is not None:
+        recs["projects"][project] = {"id": project, "title": f"project {project}", "label_config": label_config}
+    return task
+
+
+def forget_all() -> None:
+    for kind in FakeLabelStudio.records.values():
+        kind.clear()
+    FakeLabelStudio.reads.clear()

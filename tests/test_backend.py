@@ -20,7 +20,7 @@ from backend.app import create_app
 from backend.convert import decode_brush, frame_ranges, keyframes
 from backend.settings import BackendSettings
 from lazyxmem_core.engines import EngineSettings
-from fake_ls import TOKEN, FakeLabelStudio
+from fake_ls import TOKEN, FakeLabelStudio, forget_all, holds
 from synthetic import make_video
 
 VIDEO_CFG = Path("backend/configs/video.xml").read_text()
@@ -68,6 +68,7 @@ def client(fake_ls, tmp_path, monkeypatch):
                                engine=EngineSettings(engine="embedded", refiner="embedded"),
                                lazy=None)
     FakeLabelStudio.posted.clear()
+    forget_all()
     app = create_app(settings)
     c = app.test_client()
     c.model = app.config["model"]
@@ -99,7 +100,27 @@ def predict(client, tasks, config, context=None):
                                                        "params": {"context": context}})
 
 
+def connect(client, project=3, config=None):
+    """What Label Studio does when the backend is added to a project: /setup (and the project exists there)."""
+    if config is not None:
+        FakeLabelStudio.records["projects"][project] = {"id": project, "title": "p", "label_config": config}
+    r = client.post("/setup", headers=AUTH, json={"project": f"{project}.1700000000", "schema": config or ""})
+    assert r.status_code == 200, r.json
+
+
+def notify(client, action, project=3, **ids):
+    """A webhook as Label Studio sends it, of which the backend reads the ids."""
+    body = {"action": action, "project": {"id": project}}
+    if "tasks" in ids:
+        body["tasks"] = [{"id": t} for t in ids["tasks"]]
+    for key in ("task", "annotation"):
+        if key in ids:
+            body[key] = {"id": ids[key]}
+    return client.post("/webhook", json=body)
+
+
 def wait_jobs(client, timeout=60):
+    client.model.notifier.wait_idle(timeout)
     end = time.time() + timeout
     while time.time() < end:
         if all(j["status"] in ("finished", "failed") for j in client.model.jobs.jobs.values()):
@@ -182,11 +203,12 @@ def test_annotation_update_reprapagates_from_the_changed_frame_and_never_touches
     edited = {"id": "lazyxmem-1-8", "from_name": "mask", "to_name": "frames", "type": "brushlabels", "item_index": 8,
               "original_width": W, "original_height": H,
               "value": {"format": "rle", "rle": mask2rle(fixed.astype(np.uint8) * 255), "brushlabels": ["Object"]}}
-    payload = {"action": "ANNOTATION_UPDATED", "project": {"id": 3, "label_config": IMAGES_CFG},
-               "task": task, "annotation": {"id": 21, "task": 2, "result": [edited]}}
-    r = client.post("/webhook", headers=AUTH, json=payload)
-    assert r.status_code == 200 and r.json["frames"] == [9], r.json
+    connect(client, 3, IMAGES_CFG)
+    holds({**task, "annotations": task["annotations"] + [{"id": 21, "result": [edited]}]}, 3)
+    r = notify(client, "ANNOTATION_UPDATED", task=2, annotation=21)
+    assert r.status_code == 202 and r.json == {"status": "accepted", "notices": 1}, r.json
     wait_jobs(client)
+    assert {t for t, _ in client.model.tasks.held(2).corrections} == {8}
     after = client.model.tasks.held(2).masks()
     assert (after[8].astype(bool) == fixed).all()
     assert any((a != b).any() for a, b in zip(before[9:], after[9:]))  # later frames changed
@@ -249,10 +271,11 @@ def test_sessions_are_bounded_and_rebuilt_after_eviction(client, fake_ls):
     kf = {"frame": 6, "x": 10.0, "y": 20.0, "width": 30.0, "height": 40.0, "rotation": 0, "enabled": True}
     region = {"id": "lazyxmem-1", "from_name": "box", "to_name": "video", "type": "videorectangle",
               "value": {"sequence": [kf], "labels": ["Object"]}}
-    payload = {"action": "ANNOTATION_UPDATED", "project": {"id": 3, "label_config": VIDEO_CFG},
-               "task": video_task(video, task_id=7), "annotation": {"id": 99, "result": [region]}}
-    r = client.post("/webhook", headers=AUTH, json=payload)
-    assert r.status_code == 200 and r.json["status"] == "rebuilding"  # the video is not propagated in the call
+    connect(client, 3, VIDEO_CFG)
+    task = video_task(video, task_id=7)
+    holds({**task, "annotations": task["annotations"] + [{"id": 99, "result": [region]}]}, 3)
+    r = notify(client, "ANNOTATION_UPDATED", task=7, annotation=99)
+    assert r.status_code == 202  # the video is not propagated in the call
     wait_jobs(client)
     wait_jobs(client)  # the rebuild job schedules the re-propagation job
     state = client.model.tasks.held(7)
@@ -339,41 +362,49 @@ def test_a_distractor_crossing_puts_needs_review_spans_on_the_timeline(client, f
 
 def test_tasks_created_queues_the_tasks_with_regions_and_posts_their_predictions(client, fake_ls):
     _, video = fake_ls
-    with_regions = video_task(video, task_id=31)
-    without = {"id": 32, "data": {"video": "/data/upload/1/v.avi"}, "annotations": []}
-    asked = []
-    client.model.ls.task = lambda task_id: asked.append(task_id) or without  # Label Studio has no regions either
-    payload = {"action": "TASKS_CREATED", "project": {"id": 3, "label_config": VIDEO_CFG}, "tasks": [with_regions, without]}
-    r = client.post("/webhook", json=payload)  # LS sends webhooks without credentials
-    assert r.status_code == 200 and r.json["status"] == "queued", r.json
-    assert list(r.json["jobs"]) == ["31"] and r.json["skipped"] == [32] and asked == [32]
+    connect(client, 3, VIDEO_CFG)
+    holds(video_task(video, task_id=31), 3)
+    holds({"id": 32, "data": {"video": "/data/upload/1/v.avi"}, "annotations": []}, 3)  # no regions
+    r = notify(client, "TASKS_CREATED", tasks=[31, 32])  # LS sends webhooks without credentials
+    assert r.status_code == 202 and r.json == {"status": "accepted", "notices": 2}, r.json
     jobs = wait_jobs(client)
-    assert [j["status"] for j in jobs] == ["finished"] and jobs[0]["done"] == N
+    assert [(j["task"], j["status"]) for j in jobs] == [(31, "finished")] and jobs[0]["done"] == N
     assert client.model.tasks.held(31) is not None and len(client.model.tasks.held(31).session.records) == N
+    assert "/api/tasks/32/" in FakeLabelStudio.reads  # looked at, nothing to do
     # The same import announced twice is the same job: nothing runs or posts again.
-    again = client.post("/webhook", json=payload).json
-    assert again["jobs"] == r.json["jobs"] and len(wait_jobs(client)) == 1
-    bad = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 77}, "tasks": [with_regions]})
-    assert bad.status_code == 422 and "label config" in bad.json["error"]
+    posts = len(FakeLabelStudio.posted)
+    assert notify(client, "TASKS_CREATED", tasks=[31, 32]).status_code == 202
+    assert len(wait_jobs(client)) == 1 and len(FakeLabelStudio.posted) == posts
 
 
-def test_tasks_created_for_a_task_label_studio_cannot_show_yet_skips_it(client, fake_ls, caplog):
-    def not_yet(task_id):
-        raise RuntimeError("404 Not Found")
+def test_webhooks_for_a_project_that_never_connected_are_ignored(client, fake_ls):
+    _, video = fake_ls
+    holds(video_task(video, task_id=31), 77, VIDEO_CFG)
+    r = notify(client, "TASKS_CREATED", project=77, tasks=[31])
+    assert r.status_code == 200 and r.json["status"] == "ignored" and "77" in r.json["reason"], r.json
+    assert not FakeLabelStudio.reads and not client.model.jobs.jobs
 
-    client.model.ls.task = not_yet
-    payload = {"action": "TASKS_CREATED", "project": {"id": 3, "label_config": VIDEO_CFG},
-               "tasks": [{"id": 33, "data": {"video": "/data/upload/1/v.avi"}}]}
-    r = client.post("/webhook", json=payload)
-    assert r.status_code == 200 and r.json["skipped"] == [33] and not r.json["jobs"], r.json
+
+def test_tasks_created_for_a_task_label_studio_cannot_show_yet_is_looked_up_again(client, fake_ls, caplog):
+    _, video = fake_ls
+    client.model.notifier.retry_delays = (0.2, 0.2)
+    connect(client, 3, VIDEO_CFG)
+    r = notify(client, "TASKS_CREATED", tasks=[33])
+    assert r.status_code == 202
+    time.sleep(0.1)
+    holds(video_task(video, task_id=33), 3)  # the upload's transaction commits after its webhook
+    jobs = wait_jobs(client)
+    assert [(j["task"], j["status"]) for j in jobs] == [(33, "finished")], jobs
+    assert FakeLabelStudio.reads.count("/api/tasks/33/") >= 2
     assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]
 
 
 def test_tasks_created_can_be_switched_off(client, fake_ls):
     _, video = fake_ls
     client.model.settings = BackendSettings(**{**client.model.settings.__dict__, "preannotate_on_import": False})
-    payload = {"action": "TASKS_CREATED", "project": {"id": 3, "label_config": VIDEO_CFG}, "tasks": [video_task(video)]}
-    r = client.post("/webhook", json=payload)
+    connect(client, 3, VIDEO_CFG)
+    holds(video_task(video), 3)
+    r = notify(client, "TASKS_CREATED", tasks=[1])
     assert r.status_code == 200 and r.json["status"] == "ignored" and not client.model.jobs.jobs
 
 

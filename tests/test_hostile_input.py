@@ -23,8 +23,9 @@ from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle, encod
 from backend.app import create_app
 from backend.convert import decode_rle
 from backend.labelconfig import parse_label_config
-from fake_ls import FakeLabelStudio
-from test_backend import AUTH, IMAGES_CFG, VIDEO_CFG, H, W, client, fake_ls, images_task, video_task  # noqa: F401
+from fake_ls import FakeLabelStudio, holds
+from test_backend import (AUTH, IMAGES_CFG, VIDEO_CFG, H, W, client, connect, fake_ls, images_task,  # noqa: F401
+                          notify, video_task)
 
 MB = 2**20
 
@@ -109,18 +110,23 @@ def timed(call):
 
 # -- bombs -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("route", ["predict", "webhook"])
-def test_an_rle_bomb_is_refused_from_its_header_fast_and_without_allocating(client, fake_ls, route):
+def test_an_rle_bomb_is_refused_from_its_header_fast_and_without_allocating(client, fake_ls, route, caplog):
     task = images_task(fake_ls[1])
     brush(task)["value"]["rle"] = rle_bomb(2_000_000_000)  # the region says 96x72: 27648 values
     if route == "predict":
-        body = {"tasks": [task], "label_config": IMAGES_CFG}
-    else:
-        body = {"action": "ANNOTATION_UPDATED", "project": {"id": 3, "label_config": IMAGES_CFG}, "task": task,
-                "annotation": task["annotations"][0]}
-    with peak_rss_growth() as grew:
-        r, seconds = timed(lambda: client.post(f"/{route}", headers=AUTH, json=body))
+        with peak_rss_growth() as grew:
+            r, seconds = timed(lambda: client.post("/predict", headers=AUTH, json={"tasks": [task], "label_config": IMAGES_CFG}))
+        assert r.status_code == 422 and "declares 2000000000 values" in r.json["error"], r.json
+    else:  # a webhook is read for its ids: the bomb must sit in Label Studio (any of its users can put it there)
+        connect(client, 3, IMAGES_CFG)
+        holds(task, 3)
+        with peak_rss_growth() as grew:
+            r, seconds = timed(lambda: (notify(client, "ANNOTATION_UPDATED", task=2, annotation=20),
+                                        client.model.notifier.wait_idle())[0])
+        assert r.status_code == 202
+        assert any("declares 2000000000 values" in rec.getMessage() and "task 2" in rec.getMessage()
+                   for rec in caplog.records if rec.levelname == "WARNING")
     assert seconds < 2.0 and grew[0] < 200, (seconds, grew)
-    assert r.status_code == 422 and "declares 2000000000 values" in r.json["error"], r.json
     assert not client.model.jobs.jobs  # nothing queued to fail later
 
 
@@ -329,22 +335,27 @@ def test_malformed_values_get_a_400_that_names_them(client, fake_ls, case, messa
 
 
 @pytest.mark.parametrize("case, message", [
-    ("annotation_list", "annotation must be an object, got list"),
-    ("task_string", "task must be an object, got str"),
-    ("project_list", "webhook.project must be an object"),
+    ("annotation_list", "annotation must be an object with an 'id', got list"),
+    ("task_string", "task must be an object with an 'id', got str"),
+    ("project_list", "project must be an object with an 'id', got list"),
     ("annotation_id_nan", "NaN is not JSON"),
-    ("tasks_dict", "webhook.tasks must be a list"),
-    ("action_number", "webhook.action must be a string"),
+    ("annotation_id_string", "annotation.id must be a whole number, got str"),
+    ("task_id_negative", "task.id must be between 1 and"),
+    ("tasks_dict", "'tasks' must be a list of tasks, got dict"),
+    ("action_number", "'action' must be a string, got int"),
 ])
 def test_malformed_webhooks_get_a_400_that_names_the_value(client, fake_ls, case, message):
-    body = {"action": "ANNOTATION_UPDATED", "project": {"id": 3, "label_config": VIDEO_CFG},
-            "task": video_task(fake_ls[1]), "annotation": {"id": 5, "result": []}}
+    body = {"action": "ANNOTATION_UPDATED", "project": {"id": 3}, "task": {"id": 1}, "annotation": {"id": 5}}
     if case == "annotation_list":
         body["annotation"] = [1]
     elif case == "task_string":
         body["task"] = "1"
     elif case == "project_list":
         body["project"] = [3]
+    elif case == "annotation_id_string":
+        body["annotation"] = {"id": "5"}
+    elif case == "task_id_negative":
+        body["task"] = {"id": -1}
     elif case == "tasks_dict":
         body.update(action="TASKS_CREATED", tasks={"id": 1})
     elif case == "action_number":
@@ -382,13 +393,15 @@ def many_objects(video, n: int) -> dict:
     return task
 
 
-def test_more_than_255_objects_is_a_clear_422_never_a_job_that_drops_them(client, fake_ls):
+def test_more_than_255_objects_is_a_clear_422_never_a_job_that_drops_them(client, fake_ls, caplog):
     task = many_objects(fake_ls[1], 300)
     r = client.post("/predict", headers=AUTH, json={"tasks": [task], "label_config": VIDEO_CFG})
     assert r.status_code == 422 and "300 objects; at most 255" in r.json["error"], r.json
-    payload = {"action": "TASKS_CREATED", "project": {"id": 3, "label_config": VIDEO_CFG}, "tasks": [task]}
-    r = client.post("/webhook", json=payload)
-    assert r.status_code == 200 and "300 objects" in r.json["refused"]["61"] and not r.json["jobs"], r.json
+    connect(client, 3, VIDEO_CFG)
+    holds(task, 3)
+    assert notify(client, "TASKS_CREATED", tasks=[61]).status_code == 202
+    assert client.model.notifier.wait_idle()
+    assert any("task 61 has 300 objects" in rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING")
     assert not client.model.jobs.jobs
     # 255 is the limit, not past it (checked alone: propagating 255 objects takes minutes)
     client.model.check_objects(61, parse_label_config(VIDEO_CFG), many_objects(fake_ls[1], 255)["annotations"][0]["result"])
@@ -415,3 +428,64 @@ def test_webhook_secret_refuses_forged_webhooks(fake_ls, tmp_path):
     assert c.post("/webhook", json=ignored, headers={"X-Webhook-Secret": "s3cret-value"}).json["status"] == "ignored"
     assert c.post("/webhook?secret=s3cret-value", json=ignored).json["status"] == "ignored"
     assert c.get("/health").status_code == 200  # the rest of the server is not behind the secret
+
+
+# -- forged webhooks ---------------------------------------------------------------------------
+def test_forged_webhooks_change_nothing_and_post_nothing(client, fake_ls, caplog):
+    """A webhook is a notification: what it carries besides ids is never used, and ids that
+    Label Studio does not vouch for (an annotation it does not hold, one of another task, a task
+    of another or an unconnected project) do nothing. Nothing from Label Studio's error replies
+    reaches the webhook's caller."""
+    task = images_task(fake_ls[1])
+    connect(client, 3, IMAGES_CFG)
+    holds(task, 3)
+    r = client.post("/predict", headers=AUTH, json={"tasks": [task], "label_config": IMAGES_CFG})
+    assert r.status_code == 200
+    before = [m.copy() for m in client.model.tasks.held(2).masks()]
+    posts = len(FakeLabelStudio.posted)
+    poison = dict(brush(task), item_index=1, value={**brush(task)["value"], "rle": mask2rle(np.full((H, W), 255, np.uint8))})
+    other = {"id": 40, "data": {"frames": task["data"]["frames"]}, "annotations": [{"id": 41, "result": [poison]}]}
+    holds(other, 3)  # a genuine annotation, of another task
+    holds({**other, "id": 50, "annotations": [{"id": 51, "result": [poison]}]}, 4)  # a project never connected
+    forged = [
+        # the payload's own annotation and task data (a poisoned mask) are ignored: LS holds no annotation 999
+        {"action": "ANNOTATION_UPDATED", "project": {"id": 3, "label_config": IMAGES_CFG},
+         "task": {**task, "annotations": [{"id": 999, "result": [poison]}]}, "annotation": {"id": 999, "result": [poison]}},
+        {"action": "ANNOTATION_UPDATED", "project": {"id": 3}, "task": {"id": 2}, "annotation": {"id": 41}},
+        {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "task": {"id": 50}, "annotation": {"id": 51}},
+        {"action": "ANNOTATION_CREATED", "project": {"id": 4}, "task": {"id": 50}, "annotation": {"id": 51}},
+        {"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": [{"id": 123456, "data": {"frames": ["http://127.0.0.1:1/x.png"]},
+                                                                   "annotations": [{"id": 1, "result": [poison]}]}]},
+        {"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": [{"id": 50}]},
+    ]
+    client.model.notifier.retry_delays = (0.05,)
+    for body in forged:
+        r = client.post("/webhook", json=body)
+        assert r.status_code in (200, 202), r.json
+        assert "Not found" not in r.get_data(as_text=True)
+    assert client.model.notifier.wait_idle()
+    assert not client.model.jobs.jobs
+    assert len(FakeLabelStudio.posted) == posts
+    assert all((a == b).all() for a, b in zip(before, client.model.tasks.held(2).masks()))
+    assert "/api/tasks/123456/" in FakeLabelStudio.reads  # looked up, not believed
+    assert not any("x.png" in p for p in FakeLabelStudio.reads)
+    warnings = " ".join(rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING")
+    assert "answers 404" in warnings and "belongs to task 40" in warnings and "not connected" in warnings
+
+
+def test_a_webhook_naming_too_many_tasks_is_refused_and_a_flood_is_bounded(client, fake_ls):
+    client.model.settings = replace(client.model.settings, max_webhook_tasks=50)
+    connect(client, 3, IMAGES_CFG)
+    r = notify(client, "TASKS_CREATED", tasks=list(range(1, 52)))
+    assert r.status_code == 422 and "51 tasks, over MAX_WEBHOOK_TASKS=50" in r.json["error"], r.json
+    client.model.notifier.max_pending = 60
+    gate = threading.Event()
+    client.model.notifier.handle = lambda notice: gate.wait(10)  # Label Studio answers slowly
+    assert notify(client, "TASKS_CREATED", tasks=list(range(1, 41))).status_code == 202
+    assert notify(client, "TASKS_CREATED", tasks=list(range(1, 41))).json["notices"] == 0  # coalesced
+    r = notify(client, "TASKS_CREATED", tasks=list(range(41, 91)))
+    assert r.status_code == 429 and "MAX_PENDING_NOTICES=60" in r.json["error"], r.json
+    t0 = time.perf_counter()
+    assert client.get("/health").status_code == 200 and time.perf_counter() - t0 < 1.0
+    gate.set()
+    assert client.model.notifier.wait_idle()

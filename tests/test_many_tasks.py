@@ -21,7 +21,7 @@ import pytest
 from backend.app import create_app
 from backend.convert import decode_brush
 from backend.settings import BackendSettings
-from fake_ls import TOKEN, FakeLabelStudio
+from fake_ls import TOKEN, FakeLabelStudio, holds
 from lazyxmem_core.engines import EngineSettings
 from synthetic import make_video
 
@@ -97,6 +97,7 @@ def predict(client, tasks: list[dict], context=None) -> list:
 
 
 def wait_jobs(service, timeout: float = 120) -> list[dict]:
+    service.notifier.wait_idle(timeout)
     end = time.time() + timeout
     while time.time() < end:
         jobs = list(service.jobs.jobs.values())
@@ -186,9 +187,13 @@ def test_sixteen_concurrent_clicks_over_four_tasks_with_a_correction_running(sce
     edited = {"id": "lazyxmem-1-4", "from_name": "mask", "to_name": "frames", "type": "brushlabels", "item_index": 4,
               "original_width": W, "original_height": H,
               "value": {"format": "rle", "rle": mask2rle(fixed.astype(np.uint8) * 255), "brushlabels": ["Object"]}}
-    r = client.post("/webhook", json={"action": "ANNOTATION_UPDATED", "project": {"id": 7, "label_config": IMAGES_CFG},
-                                      "task": task(0, ids[0]), "annotation": {"id": 9001, "result": [edited]}})
-    assert r.status_code == 200 and r.json["status"] == "re-propagating", r.json
+    assert client.post("/setup", json={"project": "7.1", "schema": IMAGES_CFG}).status_code == 200
+    first = task(0, ids[0])
+    holds({**first, "annotations": first["annotations"] + [{"id": 9001, "result": [edited]}]}, 7, IMAGES_CFG)
+    r = client.post("/webhook", json={"action": "ANNOTATION_UPDATED", "project": {"id": 7}, "task": {"id": ids[0]},
+                                      "annotation": {"id": 9001}})
+    assert r.status_code == 202 and r.json["status"] == "accepted", r.json
+    service.notifier.wait_idle()  # read back from Label Studio: the correction job is queued
     calls = [(k, (1, 3, 6, 8)[i // VARIANTS]) for i, k in enumerate(list(range(VARIANTS)) * 4)]  # 4 frames x 4 tasks
 
     def call(kt):
