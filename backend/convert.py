@@ -1,5 +1,6 @@
 """Label Studio JSON <-> core types. Frames are 1-based and geometry is in percent in Label Studio;
-0-based and in pixels in the core."""
+0-based and in pixels in the core. Video frame numbers go through a :class:`~backend.frames.FrameMap`
+both ways: Label Studio counts at the config's frameRate, not at the video's own rate."""
 from __future__ import annotations
 
 from lazyxmem_core.errors import LazyXMemError
@@ -15,6 +16,7 @@ from label_studio_sdk.converter.brush import mask2rle
 from lazyxmem_core.types import Box, Click
 
 from .checks import MAX_INDEX, check_brush, number, shown, whole
+from .frames import FrameMap
 from .labelconfig import AUTO_LABEL, REVIEW_LABEL, LabelConfig
 
 
@@ -74,9 +76,16 @@ def pct_box(v: dict, width: int, height: int, where: str) -> Box:
     return Box(x0, y0, x1, y1)
 
 
-def keyframe_index(k: dict, where: str) -> int:
-    """A keyframe's 0-based frame (Label Studio counts from 1; no frame: the first)."""
-    return whole(k.get("frame", 1), f"{where}: keyframe frame", 1, MAX_INDEX) - 1
+def keyframe_index(k: dict, where: str, frames: FrameMap | None = None) -> int:
+    """A keyframe's 0-based decoded frame (Label Studio counts from 1; no frame: the first).
+    Without ``frames`` Label Studio frame N is taken as decoded frame N - 1 (the rates agree)."""
+    frame = whole(k.get("frame", 1), f"{where}: keyframe frame", 1, MAX_INDEX)
+    if frames is None:
+        return frame - 1
+    if frame > frames.ls_count:
+        raise TaskError(f"{where}: keyframe {frame} is outside the video (1..{frames.ls_count} at "
+                        f"frameRate {frames.ls_fps:g})")
+    return frames.to_video(frame)
 
 
 def item_index(r: dict, where: str) -> int:
@@ -91,8 +100,10 @@ def label_of(value: dict) -> str:
     return "Object"
 
 
-def video_prompts(results: Iterable[dict], cfg: LabelConfig, width: int, height: int, n_frames: int) -> list[ObjectPrompt]:
-    """Objects from VideoRectangle regions: the first enabled keyframe of each is its initial box."""
+def video_prompts(results: Iterable[dict], cfg: LabelConfig, width: int, height: int, n_frames: int,
+                  frames: FrameMap | None = None) -> list[ObjectPrompt]:
+    """Objects from VideoRectangle regions: the first enabled keyframe of each is its initial box,
+    on the decoded frame ``frames`` maps it to."""
     prompts = []
     for r in results:
         if r.get("type") != "videorectangle" or r.get("from_name") != cfg.output.name:
@@ -101,11 +112,11 @@ def video_prompts(results: Iterable[dict], cfg: LabelConfig, width: int, height:
         if not seq:
             continue
         where = f"region {shown(r.get('id'))}"
-        first = min(seq, key=lambda k: keyframe_index(k, where))
-        frame = keyframe_index(first, where)
+        first = min(seq, key=lambda k: keyframe_index(k, where, frames))
+        frame = keyframe_index(first, where, frames)
         if not 0 <= frame < n_frames:
             raise TaskError(f"{where}: keyframe {frame + 1} is outside the video (1..{n_frames})")
-        box = pct_box(first, width, height, f"{where} frame {frame + 1}")
+        box = pct_box(first, width, height, f"{where} frame {first.get('frame', 1)}")
         prompts.append(ObjectPrompt(str(r.get("id")), label_of(r.get("value") or {}), frame, box=box))
     return prompts
 
@@ -265,30 +276,42 @@ def frame_ranges(frames: Iterable[int]) -> list[dict]:
 
 
 def video_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequence[tuple[int, str]],
-                  review: Iterable[int], pseudo: Iterable[int], fps: float, tolerance: float = 0.5) -> list[dict]:
+                  review: Iterable[int], pseudo: Iterable[int], fps: float, tolerance: float = 0.5,
+                  frames: FrameMap | None = None,
+                  drawn: dict[tuple[int, int], tuple[float, float, float, float]] | None = None) -> list[dict]:
     """VideoRectangle tracks per object and TimelineLabels spans for review / auto-corrected frames.
 
-    masks: index masks for every frame (frames before an object's start are simply empty).
+    masks: index masks for every decoded frame (frames before an object's start are simply empty).
     objects: (core label value, label text) pairs.
+    frames: how Label Studio numbers the frames (default: at ``fps``, one per decoded frame); each
+    Label Studio frame gets the box of the decoded frame it shows, so a track drawn at another
+    rate than the video's still sits on the object.
+    drawn: (decoded frame, object value) -> the (x, y, width, height) percent box the user drew
+    there: the track keeps it on that frame (a mask's bounding box is not the box drawn).
     """
     n = len(masks)
+    fmap = frames or FrameMap.identity(fps, n)
     out = []
     boxes_of: dict[int, list] = {value: [] for value, _ in objects}
     for m in masks:  # each frame read once (a session unpacks it per read)
         for value, boxes in boxes_of.items():
             boxes.append(mask_box(m == value))
+    for (t, value), box in (drawn or {}).items():
+        if value in boxes_of and 0 <= t < n and boxes_of[value][t] is not None:
+            boxes_of[value][t] = tuple(float(v) for v in box)
     for value, text in objects:
-        seq = keyframes(boxes_of[value], tolerance)
+        seq = keyframes(fmap.resample(boxes_of[value]), tolerance)
         for k in seq:
-            k["time"] = round((k["frame"] - 1) / fps, 4)
+            k["time"] = round(fmap.time(k["frame"]), 4)
         if not seq:
             continue
         out.append({"id": f"lazyxmem-{value}", "from_name": cfg.output.name, "to_name": cfg.object_tag,
                     "type": "videorectangle", "origin": "prediction",
-                    "value": {"framesCount": n, "duration": round(n / fps, 4), "labels": [text], "sequence": seq}})
+                    "value": {"framesCount": fmap.ls_count, "duration": round(fmap.duration, 4), "labels": [text],
+                              "sequence": seq}})
     if cfg.review is not None:
-        for name, frames in ((REVIEW_LABEL, review), (AUTO_LABEL, pseudo)):
-            ranges = frame_ranges(frames)
+        for name, marked in ((REVIEW_LABEL, review), (AUTO_LABEL, pseudo)):
+            ranges = frame_ranges(fmap.ls_frames_of(list(marked)))
             if ranges and name in cfg.review.labels:
                 out.append({"id": f"lazyxmem-{'review' if name == REVIEW_LABEL else 'auto'}",
                             "from_name": cfg.review.name, "to_name": cfg.object_tag, "type": "timelinelabels",
@@ -333,9 +356,11 @@ def image_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequen
 
 
 def interactive_results(cfg: LabelConfig, answers: dict[tuple[int, int], np.ndarray],
-                        objects: Sequence[tuple[int, str]], n_frames: int, fps: float) -> list[dict]:
+                        objects: Sequence[tuple[int, str]], n_frames: int, fps: float,
+                        frames: FrameMap | None = None) -> list[dict]:
     """The regions an interactive call answers with: each corrected object's mask on its frame
-    (image sequences: a brush on that item; video: a one-keyframe box)."""
+    (image sequences: a brush on that item; video: a one-keyframe box on the first Label Studio
+    frame that shows the decoded frame, see :func:`video_results`)."""
     names = dict(objects)
     out: list[dict] = []
     for (t, value), mask in answers.items():
@@ -347,9 +372,10 @@ def interactive_results(cfg: LabelConfig, answers: dict[tuple[int, int], np.ndar
             continue
         box = mask_box(mask)
         if box is not None:
-            kf = keyframe(t, box, True)
-            kf["time"] = round(t / fps, 4)
+            fmap = frames or FrameMap.identity(fps, n_frames)
+            kf = keyframe(fmap.to_ls(t) - 1, box, True)
+            kf["time"] = round(fmap.time(kf["frame"]), 4)
             out.append({"id": f"lazyxmem-{value}", "from_name": cfg.output.name, "to_name": cfg.object_tag,
                         "type": "videorectangle",
-                        "value": {"framesCount": n_frames, "labels": [names[value]], "sequence": [kf]}})
+                        "value": {"framesCount": fmap.ls_count, "labels": [names[value]], "sequence": [kf]}})
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 from lazyxmem_core.errors import LazyXMemError
 
 import math
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Literal
@@ -13,6 +14,8 @@ from .checks import shown
 REVIEW_LABEL = "Needs review"
 AUTO_LABEL = "Auto-corrected"
 MAX_FRAME_RATE = 1000.0
+LS_DEFAULT_FRAME_RATE = 24.0  # Label Studio's when <Video> has no frameRate
+_DATA_KEY = re.compile(r"^\$\w+$")
 
 
 class ConfigError(LazyXMemError):
@@ -33,7 +36,10 @@ class LabelConfig:
     mode: Literal["video", "images"]
     object_tag: str  # name of the <Video> or <Image valueList> tag
     value_key: str  # task data key of the video URL or of the frame URL list
-    frame_rate: float = 25.0
+    # The rate Label Studio counts frames at when the config fixes it; None when it is read from
+    # the task's data (frameRate="$fps"): then the video's own rate, which the task should carry.
+    frame_rate: float | None = LS_DEFAULT_FRAME_RATE
+    frame_rate_attr: str | None = None  # <Video frameRate> as written, for backend.frames.task_frame_map
     shapes: tuple[ControlTag, ...] = ()  # tags whose regions define objects (rectangles, brushes, keypoints)
     output: ControlTag | None = None  # where predictions go: VideoRectangle or BrushLabels
     labels: ControlTag | None = None  # a <Labels> tag for VideoRectangle regions
@@ -79,16 +85,22 @@ def parse_label_config(xml: str) -> LabelConfig:
                               "objects are drawn as video rectangles; add one")
         labels = next((c for c in mine if c.type == "labels"), None)
         timeline = next((c for c in mine if c.type == "timelinelabels"), None)
-        try:
-            fps = float(video.get("frameRate", "25") or 25)
-        except ValueError:
-            fps = math.nan
-        # "nan" and "inf" parse as floats and would put NaN into every reply's times and durations
-        if not 0 < fps <= MAX_FRAME_RATE:
-            raise ConfigError(f"<Video frameRate=\"{shown(video.get('frameRate'))}\"> must be a number of frames "
-                              f"per second above 0 and at most {MAX_FRAME_RATE}")
-        return LabelConfig("video", name, video.get("value", "").lstrip("$"), fps, shapes=(rect,), output=rect,
-                           labels=labels, review=timeline, xml=xml)
+        attr = video.get("frameRate")
+        fps: float | None = LS_DEFAULT_FRAME_RATE
+        if attr is not None and _DATA_KEY.match(attr.strip()):
+            attr, fps = attr.strip(), None  # Label Studio 1.23.2 reads it from the task's data
+        elif attr is not None:
+            try:
+                fps = float(attr)
+            except ValueError:
+                fps = math.nan
+            # "nan" and "inf" parse as floats and would put NaN into every reply's times and durations
+            if not 0 < fps <= MAX_FRAME_RATE:
+                raise ConfigError(f"<Video frameRate=\"{shown(attr)}\"> must be a number of frames per second "
+                                  f"above 0 and at most {MAX_FRAME_RATE}, or $key naming a task data field "
+                                  "that holds it (frameRate=\"$fps\")")
+        return LabelConfig("video", name, video.get("value", "").lstrip("$"), fps, frame_rate_attr=attr,
+                           shapes=(rect,), output=rect, labels=labels, review=timeline, xml=xml)
     if images:
         image = images[0]
         name = image.get("name", "")
