@@ -10,6 +10,14 @@ Label Studio sent it, the label config, the corrections), so any worker process 
 Its id is a digest of (task, model version, what it computes), which makes jobs idempotent:
 submitting the same work twice returns the first job, and a prediction is posted once per id
 (``backend.ls_io.PostLedger``), even when a killed worker's job is retried elsewhere.
+
+Hostile or runaway input must not take the queue over: each project may hold at most
+``max_queued_per_project`` queued jobs (:class:`QueueFull`, a 422, past it), in-process lanes take
+jobs round-robin between projects (:mod:`backend.lanes`), and ``cancel_task`` drops a task's queued
+jobs and stops its running one between two frames (:class:`JobCanceled`, raised by the meter).
+A failed job's error never quotes an unexpected exception (:func:`job_error`): its text may carry
+Label Studio's reply or a request's content; the log has it. In-process jobs are journalled on
+disk (:mod:`backend.journal`) and re-queued by :meth:`LocalQueue.resume` after a restart.
 """
 from __future__ import annotations
 
@@ -19,22 +27,49 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
+from lazyxmem_core.errors import LazyXMemError
 from lazyxmem_core.types import Correction
 
+from .checks import safe_message, shown
 from .edits import initial_regions
+from .journal import Journal
+from .lanes import FairLane
 
 log = logging.getLogger(__name__)
 
 KINDS = ("propagate", "correct", "annotation")
 LANES = ("interactive", "batch")
 Progress = Callable[[int], None]
+MAX_QUEUED_PER_PROJECT = 200  # queued (not running) jobs of one project, both lanes together
+
+
+class QueueFull(LazyXMemError):
+    """A project already has as many queued jobs as allowed: the submission is refused (422)."""
+
+
+class JobCanceled(Exception):
+    """Raised by a canceled job's progress meter between two frames: the job ends "canceled"."""
+
+
+def queue_full(project: str, queued: int, limit: int) -> QueueFull:
+    return QueueFull(f"project {shown(project, 40) if project else '(none)'} already has {queued} jobs queued, "
+                     f"the most MAX_QUEUED_PER_PROJECT={limit} allows: wait for them to run, cancel a task's jobs "
+                     "(DELETE /tasks/<id>/jobs) or raise MAX_QUEUED_PER_PROJECT")
+
+
+def job_error(exc: BaseException) -> str:
+    """What a failed job's status may say: a :class:`LazyXMemError`'s message (it says what is wrong
+    with the input), never the text of anything else (an HTTP error quotes Label Studio's reply,
+    a KeyError the task's content); the caller logs the traceback."""
+    if isinstance(exc, LazyXMemError):
+        return safe_message(str(exc))
+    return f"internal error ({type(exc).__name__}): see the backend's log"
 
 
 @dataclass(frozen=True)
@@ -68,6 +103,12 @@ class JobSpec:
     @property
     def task_id(self) -> int:
         return int(self.task.get("id") or 0)
+
+    @property
+    def project(self) -> str:
+        """Label Studio's project id of the task ("" when the task JSON does not say): the unit of
+        fairness and of the queued-jobs bound."""
+        return str(self.task.get("project") or "")
 
     @property
     def key(self) -> str:
@@ -118,18 +159,29 @@ class PriorityGate:
 class JobQueue(Protocol):
     def submit(self, spec: JobSpec, total: int) -> str:
         """Queue ``spec`` (``total`` frames to process) unless the same work is queued, running or
-        done; returns the job id either way."""
+        done; returns the job id either way. :class:`QueueFull` past the project's bound."""
 
     def status(self, job_id: str) -> dict[str, Any] | None:
         """Progress of a job: status, done / total frames, fps, error; None when unknown."""
+
+    def cancel_task(self, task_id: int) -> list[str]:
+        """Drop the task's queued jobs, ask its running one to stop; the ids of both."""
+
+    def counts(self) -> dict[str, Any]:
+        """For /health, cheap: the queue's kind, whether it survives a restart, queued and running."""
+
+    def resume(self) -> list[str]:
+        """Re-queue what a previous process left unfinished (in-process journal); the ids."""
 
 
 class ProgressMeter:
     """Frames done / total and fps of a running job: published every second, logged every ``log_every`` s."""
 
     def __init__(self, job_id: str, task_id: int, total: int, log_every: float = 5.0,
-                 publish: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 publish: Callable[[dict[str, Any]], None] | None = None,
+                 canceled: Callable[[], bool] | None = None) -> None:
         self.job_id, self.task_id, self.total = job_id, task_id, total
+        self.canceled = canceled  # asked once per frame: True stops the job there (JobCanceled)
         self.done = 0
         self.started = time.time()
         self.log_every = log_every
@@ -144,6 +196,8 @@ class ProgressMeter:
         # A correction re-propagates frames nobody counted up front (forward and backward): the
         # total follows the work instead of showing more done than there is, and the meter keeps
         # its once-a-second / every-5-s rhythm rather than reporting every frame as the last.
+        if self.canceled is not None and self.canceled():
+            raise JobCanceled(f"job {self.job_id} canceled after {self.done} frames")
         last = self.done < self.total <= self.done + n
         self.done += n
         self.total = max(self.total, self.done)
@@ -158,108 +212,148 @@ class ProgressMeter:
 
 
 class LocalQueue:
-    """In-process jobs, one thread per lane (the default: no Redis needed)."""
+    """In-process jobs, one thread per lane taking jobs fairly between projects (the default: no
+    Redis needed). With a ``journal_dir``, queued and running jobs survive a restart: call
+    :meth:`resume` once the runner can run."""
 
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, journal_dir: str | None = None,
+                 max_queued_per_project: int = MAX_QUEUED_PER_PROJECT, retries: int = 2) -> None:
         self.runner = runner
-        self._pools = {lane: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lazyxmem-{lane}")
-                       for lane in LANES}
+        self.max_queued_per_project = max_queued_per_project
+        self.retries = retries  # of a journalled job whose process died under it, before it is dropped
+        self.journal = Journal(journal_dir) if journal_dir else None
         self.jobs: dict[str, dict[str, Any]] = {}
+        self._live: dict[str, _Live] = {}  # queued and running jobs: what runs them, how to stop them
         self._lock = threading.Lock()
+        self._lanes = {lane: FairLane(lane, self._run) for lane in LANES}
 
     def submit(self, spec: JobSpec, total: int) -> str:
+        return self._add(spec, total, resumed=None)
+
+    def _add(self, spec: JobSpec, total: int, resumed: int | None) -> str:
+        """Queue a new job (``resumed`` None: the project's bound applies, the journal gets it) or
+        one from the journal (``resumed``: its starts in earlier processes; never refused)."""
         job_id = spec.key
         with self._lock:
-            if job_id in self.jobs and self.jobs[job_id]["status"] != "failed":
+            if job_id in self.jobs and self.jobs[job_id]["status"] not in ("failed", "canceled"):
                 log.info("task %s: job %s is already %s", spec.task_id, job_id, self.jobs[job_id]["status"])
                 return job_id
-            job = {"id": job_id, "kind": spec.kind, "lane": spec.lane, "task": spec.task_id, "status": "queued", "done": 0,
-                   "total": total, "fps": None, "error": None, "started": None, "finished": None}
-            self.jobs[job_id] = job
-
-        def run() -> None:
-            job["status"], job["started"] = "running", time.time()
-            meter = ProgressMeter(job_id, spec.task_id, total, publish=job.update)
-            try:
-                self.runner(spec, meter)
-                job["status"] = "finished"
-            except Exception as exc:  # a failed job is reported, the server lives on
-                log.exception("task %s: %s job %s failed", spec.task_id, spec.kind, job_id)
-                job["status"], job["error"] = "failed", f"{type(exc).__name__}: {exc}"
-            job.update(done=meter.done, fps=meter.fps, finished=time.time())
-
-        self._pools[spec.lane].submit(run)
+            project = spec.project
+            if resumed is None:
+                queued = sum(lane.queued(project) for lane in self._lanes.values())
+                if queued >= self.max_queued_per_project:
+                    raise queue_full(project, queued, self.max_queued_per_project)
+                self._journal_add(job_id, spec, total, 0)
+            self.jobs[job_id] = {"id": job_id, "kind": spec.kind, "lane": spec.lane, "task": spec.task_id,
+                                 "project": project, "status": "queued", "done": 0, "total": total, "fps": None,
+                                 "error": None, "started": None, "finished": None}
+            self._live[job_id] = _Live(spec, total, resumed or 0)
+            self._lanes[spec.lane].put(project, job_id)
         return job_id
 
     def status(self, job_id: str) -> dict[str, Any] | None:
         job = self.jobs.get(job_id)
         return dict(job) if job is not None else None
 
+    def cancel_task(self, task_id: int) -> list[str]:
+        canceled = []
+        with self._lock:
+            for job_id, live in list(self._live.items()):
+                if live.spec.task_id != task_id:
+                    continue
+                canceled.append(job_id)
+                if self._lanes[live.spec.lane].remove(job_id):
+                    self._end(job_id, "canceled")
+                else:  # running, or taken by its lane an instant ago: it stops at its next frame
+                    live.stop.set()
+        if canceled:
+            log.info("task %s: jobs %s canceled", task_id, ", ".join(canceled))
+        return canceled
 
-QUEUE_NAMES = {"interactive": "lazyxmem-interactive", "batch": "lazyxmem"}  # workers listen in this order
+    def counts(self) -> dict[str, Any]:
+        queued = sum(lane.queued() for lane in self._lanes.values())
+        return {"queue": "in-process", "survives_restart": self.journal is not None, "queued": queued,
+                "running": max(0, len(self._live) - queued)}
 
+    def resume(self) -> list[str]:
+        if self.journal is None:
+            return []
+        ids = []
+        for spec, total, attempts in self.journal.load(JobSpec):
+            if attempts > self.retries:  # it took the process down with it each time
+                log.error("task %s: %s job %s was started %d times and never ended: not re-queued (JOB_RETRIES=%d)",
+                          spec.task_id, spec.kind, spec.key, attempts, self.retries)
+                self.journal.remove(spec.key)
+                continue
+            log.info("task %s: %s job %s re-queued after a restart (%d frames, %d earlier starts)",
+                     spec.task_id, spec.kind, spec.key, total, attempts)
+            ids.append(self._add(spec, total, resumed=attempts))
+        return ids
 
-class RedisQueue:
-    """Jobs on RQ over Redis, for any number of worker processes (``lazyxmem worker``)."""
-
-    def __init__(self, url: str, retries: int = 2, timeout_s: int = 6 * 3600) -> None:
-        from redis import Redis
-        from rq import Queue
-
-        self.redis = Redis.from_url(url)
-        self.queues = {lane: Queue(name, connection=self.redis) for lane, name in QUEUE_NAMES.items()}
-        self.retries, self.timeout_s = retries, timeout_s
-
-    def submit(self, spec: JobSpec, total: int) -> str:
-        from rq import Retry
-        from rq.exceptions import NoSuchJobError
-        from rq.job import Job, JobStatus
-
-        job_id = spec.key
-        # The lock closes the race of two identical submissions both finding no job.
-        with self.redis.lock(f"lazyxmem:enqueue-lock:{job_id}", timeout=30, blocking_timeout=30):
-            try:
-                job = Job.fetch(job_id, connection=self.redis)
-                status = job.get_status()
-                if status not in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, None):
-                    log.info("task %s: job %s is already %s", spec.task_id, job_id, status.value)
-                    return job_id
-                job.delete()
-            except NoSuchJobError:
-                pass
-            self.queues[spec.lane].enqueue("backend.worker.run_job", spec, total, job_id=job_id,
-                               retry=Retry(max=self.retries), job_timeout=self.timeout_s,
-                               result_ttl=7 * 86400, failure_ttl=7 * 86400,
-                               meta={"kind": spec.kind, "task": spec.task_id, "done": 0, "total": total},
-                               description=f"{spec.kind} task {spec.task_id}")
-        log.info("task %s: %s job %s queued on Redis (%d frames)", spec.task_id, spec.kind, job_id, total)
-        return job_id
-
-    def status(self, job_id: str) -> dict[str, Any] | None:
-        from rq.exceptions import NoSuchJobError
-        from rq.job import Job
-
-        try:
-            job = Job.fetch(job_id, connection=self.redis)
-        except NoSuchJobError:
-            return None
-        meta = job.get_meta()
-        status = job.get_status()
+    def _run(self, job_id: str) -> None:
+        with self._lock:
+            live, job = self._live[job_id], self.jobs[job_id]
+            if live.stop.is_set():  # canceled between its lane taking it and now
+                self._end(job_id, "canceled")
+                return
+            job["status"], job["started"] = "running", time.time()
+            # Counted before it runs: a job that kills the process is dropped after JOB_RETRIES restarts.
+            self._journal_add(job_id, live.spec, live.total, live.attempts + 1)
+        spec = live.spec
+        meter = ProgressMeter(job_id, spec.task_id, live.total, publish=job.update, canceled=live.stop.is_set)
         error = None
-        if status is not None and status.value == "failed":
-            result = job.latest_result()
-            error = (result.exc_string or "").strip().splitlines()[-1] if result and result.exc_string else "failed"
-        state = status.value if status is not None else None
-        if state == "started":
-            state = "running"
-        if meta.get("error"):  # bad input: the job ended without a retry (see backend.worker.run_job)
-            state, error = "failed", meta["error"]
-        return {"id": job_id, "kind": meta.get("kind"), "task": meta.get("task"), "status": state,
-                "done": meta.get("done", 0), "total": meta.get("total"), "fps": meta.get("fps"),
-                "worker": meta.get("worker"), "attempts": meta.get("attempts", 0), "error": error,
-                "started": job.started_at.timestamp() if job.started_at else None,
-                "finished": job.ended_at.timestamp() if job.ended_at else None}
+        try:
+            self.runner(spec, meter)
+            status = "finished"
+        except JobCanceled:
+            log.info("task %s: %s job %s canceled after %d frames", spec.task_id, spec.kind, job_id, meter.done)
+            status = "canceled"
+        except Exception as exc:  # a failed job is reported, the server lives on
+            log.exception("task %s: %s job %s failed", spec.task_id, spec.kind, job_id)
+            status, error = "failed", job_error(exc)
+        job.update(done=meter.done, fps=meter.fps)
+        with self._lock:
+            self._end(job_id, status, error)
+
+    def _end(self, job_id: str, status: str, error: str | None = None) -> None:
+        """The job is over (caller holds the lock): its record says how, its journal entry goes."""
+        self.jobs[job_id].update(status=status, error=error, finished=time.time())
+        self._live.pop(job_id, None)
+        if self.journal is not None:
+            self.journal.remove(job_id)
+
+    def _journal_add(self, job_id: str, spec: JobSpec, total: int, attempts: int) -> None:
+        if self.journal is None:
+            return
+        try:
+            self.journal.add(job_id, spec, total, attempts)
+        except OSError:  # a full disk: the job still runs, it only would not survive a restart
+            log.warning("task %s: job %s could not be journalled; a restart would lose it", spec.task_id,
+                        job_id, exc_info=True)
 
 
-def make_queue(runner: Runner, redis_url: str | None, retries: int = 2, timeout_s: int = 6 * 3600) -> JobQueue:
-    return RedisQueue(redis_url, retries, timeout_s) if redis_url else LocalQueue(runner)
+@dataclass
+class _Live:
+    spec: JobSpec
+    total: int
+    attempts: int  # starts in earlier processes (from the journal)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+def make_queue(runner: Runner, redis_url: str | None, retries: int = 2, timeout_s: int = 6 * 3600, *,
+               journal_dir: str | None = None, max_queued_per_project: int = MAX_QUEUED_PER_PROJECT) -> JobQueue:
+    """RQ over Redis when ``redis_url`` is set, else in-process (journalled in ``journal_dir``)."""
+    if redis_url:
+        from .redis_queue import RedisQueue
+
+        return RedisQueue(redis_url, retries, timeout_s, max_queued_per_project)
+    return LocalQueue(runner, journal_dir, max_queued_per_project, retries)
+
+
+def __getattr__(name: str) -> Any:
+    # RedisQueue lives in backend.redis_queue (which imports this module); older imports still work.
+    if name in ("RedisQueue", "QUEUE_NAMES"):
+        from . import redis_queue
+
+        return getattr(redis_queue, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

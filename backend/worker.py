@@ -4,12 +4,20 @@ Jobs run in the worker's own process (no fork per job), so the engines load once
 GPU memory, and sessions stay cached between jobs of the same task. A heartbeat thread renews
 the job's lease while it runs: when a worker dies (SIGKILL, OOM killer, lost host), the lease
 lapses after ``heartbeat + grace`` seconds and a surviving worker's maintenance requeues the job.
+
+A job is canceled (``DELETE /tasks/<id>/jobs``, ``backend.redis_queue.RedisQueue.cancel_task``)
+between two frames: RQ's stop-job command reaches :meth:`LazyXMemWorker.kill_horse` (there is no
+horse: the job runs here), the job's progress meter then raises ``JobCanceled`` and RQ marks the
+job stopped, never retried. A failed job's status names the exception's type only; its text and
+traceback are in this worker's log.
 """
 from __future__ import annotations
 
 import logging
 import socket
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from rq import Queue, SimpleWorker, get_current_job
@@ -18,13 +26,18 @@ from rq.worker import WorkerStatus
 
 from lazyxmem_core.errors import LazyXMemError
 
-from .jobs import QUEUE_NAMES, JobSpec, ProgressMeter
+from .jobs import JobCanceled, JobSpec, ProgressMeter, job_error
+from .redis_queue import QUEUE_NAMES, cancel_key
 from .settings import log_level
 
 log = logging.getLogger("lazyxmem.worker")
 
 _model: Any = None
 _model_lock = threading.Lock()
+# The job running in this process was asked to stop (set by the stop-job command); one job at a time.
+_stop = threading.Event()
+_worker: LazyXMemWorker | None = None
+CANCEL_POLL_S = 1.0  # how often a running job also reads its cancel flag in Redis
 
 
 def model() -> Any:
@@ -36,6 +49,29 @@ def model() -> Any:
 
             _model = Service()
         return _model
+
+
+def stop_check(job: Job | None) -> Callable[[], bool] | None:
+    """The meter's per-frame question "canceled?": the stop-job command's event, or (read at
+    most once a second) the job's cancel flag, for a cancel sent before this worker took the job."""
+    if job is None:
+        return None
+    worker, last = _worker, [0.0]
+
+    def canceled() -> bool:
+        if _stop.is_set():
+            return True
+        now = time.monotonic()
+        if now - last[0] < CANCEL_POLL_S:
+            return False
+        last[0] = now
+        if not job.connection.exists(cancel_key(job.id)):
+            return False
+        if worker is not None:
+            worker._stopped_job_id = job.id  # as the stop-job command does: RQ marks it stopped, no retry
+        return True
+
+    return canceled
 
 
 def run_job(spec: JobSpec, total: int) -> dict:
@@ -53,16 +89,26 @@ def run_job(spec: JobSpec, total: int) -> dict:
 
     if job is not None:
         publish({"attempts": int(job.meta.get("attempts", 0)) + 1, "worker": job.worker_name or socket.gethostname(),
-                 "done": 0, "error": None})
-    meter = ProgressMeter(job.id if job else spec.key, spec.task_id, total, publish=publish)
+                 "done": 0, "error": None, "error_type": None})
+    meter = ProgressMeter(job.id if job else spec.key, spec.task_id, total, publish=publish, canceled=stop_check(job))
     log.info("task %s: %s job %s started (attempt %s)", spec.task_id, spec.kind, spec.key,
              job.meta.get("attempts") if job else 1)
     try:
         out = model().run_job(spec, meter)
     except LazyXMemError as exc:
-        log.error("task %s: %s job %s cannot be done: %s", spec.task_id, spec.kind, spec.key, exc)
-        publish({"error": str(exc)})
-        return {"posted": False, "error": str(exc)}
+        message = job_error(exc)
+        log.error("task %s: %s job %s cannot be done: %s", spec.task_id, spec.kind, spec.key, message)
+        publish({"error": message})
+        return {"posted": False, "error": message}
+    except JobCanceled:
+        log.info("task %s: %s job %s canceled after %d frames", spec.task_id, spec.kind, spec.key, meter.done)
+        publish({"done": meter.done, "fps": meter.fps})
+        raise  # RQ marks it stopped (the worker's _stopped_job_id), not failed: no retry
+    except Exception as exc:
+        # The status names the type only (backend.redis_queue.RedisQueue.status); RQ retries it.
+        log.exception("task %s: %s job %s failed", spec.task_id, spec.kind, spec.key)
+        publish({"error_type": type(exc).__name__})
+        raise
     publish({"done": meter.done, "fps": meter.fps})
     return out
 
@@ -75,7 +121,15 @@ class LazyXMemWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return int(self.job_monitoring_interval + self.grace_s)
 
+    def kill_horse(self, sig: Any = None) -> None:
+        """RQ's stop-job command ends here (after setting ``_stopped_job_id``): the job runs in
+        this process, so it is asked to stop at its next frame instead of a horse being killed."""
+        _stop.set()
+
     def execute_job(self, job: Job, queue: Queue) -> None:
+        global _worker
+        _worker = self
+        _stop.clear()
         execution = self.prepare_execution(job)
         stop = threading.Event()
 
