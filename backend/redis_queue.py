@@ -80,7 +80,8 @@ class RedisQueue:
                 raise queue_full(project, queued, self.max_queued_per_project)
             self.redis.delete(cancel_key(job_id))  # a cancel of an earlier run is not this one's
             self.queues[spec.lane].enqueue("backend.worker.run_job", spec, total, job_id=job_id,
-                                           retry=Retry(max=self.retries), job_timeout=self.timeout_s,
+                                           retry=Retry(max=self.retries) if self.retries > 0 else None,  # RQ refuses max=0
+                                           job_timeout=self.timeout_s,
                                            result_ttl=INDEX_TTL_S, failure_ttl=INDEX_TTL_S,
                                            meta={"kind": spec.kind, "task": spec.task_id, "project": project,
                                                  "done": 0, "total": total},
