@@ -454,7 +454,9 @@ class Service:
             return
         cfg = parse_label_config(self.project_config(project))
         if annotation is None:
-            self.preannotate([task], cfg.xml, read_back=False)
+            outcome, what = self.preannotate_one(task, cfg.xml)
+            log.info("task %s: imported; %s", notice.task, {"queued": f"pre-annotation queued (job {what})",
+                     "skipped": "no region to pre-annotate from", "refused": "refused"}[outcome])
             return
         if int(annotation.get("task") or 0) != notice.task:
             log.warning("task %s: annotation %s belongs to task %s; webhook dropped", notice.task, notice.annotation,
@@ -503,14 +505,13 @@ class Service:
         return {"status": "re-propagating", "job": job, "frames": sorted({t + 1 for t, _ in corrections})}
 
     # -- pre-annotation --------------------------------------------------------------------------
-    def preannotate(self, tasks: list[dict], label_config: str, read_back: bool = True) -> dict:
+    def preannotate(self, tasks: list[dict], label_config: str) -> dict:
         """Queue a propagation job for each task that carries initial regions; skip the others.
-        ``read_back``: a task listed without annotations is read from Label Studio first."""
-        cfg = parse_label_config(label_config)  # a config we cannot serve fails here, not in every job
+        A task listed without annotations is read from Label Studio first."""
+        parse_label_config(label_config)  # a config we cannot serve fails here, not in every job
         jobs, skipped, refused = {}, [], {}
         for task in tasks:
-            regions = initial_regions(task)
-            if not regions and read_back and task.get("id") and self.ls.configured:
+            if not initial_regions(task) and task.get("id") and self.ls.configured:
                 try:
                     task = self.ls.task(int(task["id"]))
                 except Exception as exc:
@@ -518,21 +519,29 @@ class Service:
                              upstream_status(exc) or type(exc).__name__)
                     skipped.append(task.get("id"))
                     continue
-                regions = initial_regions(task)
-            if not regions:
+            outcome, what = self.preannotate_one(task, label_config)
+            if outcome == "queued":
+                jobs[task["id"]] = what
+            elif outcome == "refused":
+                refused[task.get("id")] = what
+            else:
                 skipped.append(task.get("id"))
-                continue
-            try:
-                self.check_objects(int(task.get("id") or 0), cfg, regions)
-            except TaskError as exc:  # said in the reply and the log, not dropped in silence
-                log.warning("%s", exc)
-                refused[task.get("id")] = str(exc)
-                continue
-            data = task.get("data") or {}
-            frames = next((len(v) for v in data.values() if isinstance(v, list)), 0)
-            jobs[task["id"]] = self.submit("propagate", task, label_config, frames)
         log.info("pre-annotation: %d task(s) queued, %d without regions skipped", len(jobs), len(skipped))
         return {"status": "queued", "jobs": jobs, "skipped": skipped, **({"refused": refused} if refused else {})}
+
+    def preannotate_one(self, task: dict, label_config: str) -> tuple[str, str | None]:
+        """("queued", job id), ("skipped", None) for a task without regions, or ("refused", why)."""
+        regions = initial_regions(task)
+        if not regions:
+            return "skipped", None
+        try:
+            self.check_objects(int(task.get("id") or 0), parse_label_config(label_config), regions)
+        except TaskError as exc:  # said in the reply and the log, not dropped in silence
+            log.warning("%s", exc)
+            return "refused", str(exc)
+        data = task.get("data") or {}
+        frames = next((len(v) for v in data.values() if isinstance(v, list)), 0)
+        return "queued", self.submit("propagate", task, label_config, frames)
 
     # -- jobs ------------------------------------------------------------------------------------
     def submit(self, kind: str, task: dict, label_config: str, total: int, **extra: Any) -> str:

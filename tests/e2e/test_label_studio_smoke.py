@@ -116,7 +116,7 @@ def test_webhook_secret_lets_label_studio_in_and_keeps_forgers_out(label_studio,
 
         authorize_webhook(label_studio, proj.project_id, backend, {"X-Webhook-Secret": secret})
         lines = import_one()
-        assert lines and all('" 200 ' in ln for ln in lines), lines
+        assert lines and all('" 202 ' in ln for ln in lines), lines  # accepted: read back from Label Studio
         forged = requests.post(f"{backend.url}/webhook", timeout=10,
                                json={"action": "ANNOTATION_UPDATED", "project": {"id": proj.project_id}})
         assert forged.status_code == 403 and "X-Webhook-Secret" in forged.json()["error"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ls_harness import (Backend, LabelStudio, add_local_storage, backend_log_since, create_project, import_tasks,
-                        local_file_url, register_backend)
+                        local_file_url, register_backend, wait_for_log)
 from synthetic import make_video, write_webm
 
 pytestmark = pytest.mark.e2e
@@ -59,7 +59,7 @@ def wait_log(backend: Backend, offset: int, prefix: str, endings: tuple[str, ...
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         log = backend_log_since(backend, offset)
-        if "pre-annotation:" in log and any(prefix in line and "job lx-" in line and any(e in line for e in endings)
+        if any(prefix in line and "job lx-" in line and any(e in line for e in endings)
                                             for line in log.splitlines()):
             return log
         time.sleep(0.25)
@@ -80,7 +80,9 @@ def test_tasks_imported_with_regions_into_a_connected_project_are_preannotated(
     frames = [k["frame"] for k in track["value"]["sequence"]]
     assert frames[0] == 1 and max(frames) >= N - 1, frames
     log = wait_log(backend_server, offset, f"task {ids[0]}: ", ("posted prediction", "posts nothing"))
-    assert "pre-annotation: 1 task(s) queued, 1 without regions skipped" in log
+    assert f"task {ids[0]}: imported; pre-annotation queued" in log
+    assert f"task {ids[1]}: imported; no region to pre-annotate from" in wait_for_log(backend_server, offset,
+                                                                                     f"task {ids[1]}: imported")
     with_result = [p for p in predictions(ls, ids[0]) if p["result"]]
     assert len(with_result) == 1, "one prediction per task and model version"
     assert not any(p["result"] for p in predictions(ls, ids[1])), "a task without regions gets no regions"

@@ -130,7 +130,8 @@ def test_sam2_engine_preannotates_answers_clicks_and_repropagates(label_studio: 
     offset = backend.log.stat().st_size
     r = ls.api("PATCH", f"/api/annotations/{annotation['id']}/", json={"result": [start, result[0], painted]})
     assert r.status_code == 200, r.text[:500]
-    log = wait_for_log(backend, offset, '"POST /webhook HTTP/1.1" 200')
+    wait_for_log(backend, offset, '"POST /webhook HTTP/1.1" 202')  # accepted; read back from Label Studio, then:
+    log = wait_for_log(backend, offset, "correction on frame(s)", timeout=30)
     assert f"correction on frame(s) [{PAINTED + 1}]" in log, log[-2000:]
     r2 = brushes(revision(ls, task_id, version + "-r2", backend))
     assert (r2[PAINTED] == scene.masks[PAINTED]).all() and (r2[CLICKED] == answer).all()
