@@ -1,70 +1,113 @@
-"""The Lazy benchmark on DAVIS 2016 (first-frame masks only), all modes side by side.
+"""The Lazy benchmark (first-frame masks only), all modes and both correction kinds side by side.
 
-    python bench/lazy_table.py [--data DIR] [--engine embedded] [--refiner embedded] [--out runs/bench]
+    python bench/lazy_table.py [--data DIR] [--engine embedded] [--refiner embedded] [--rand-seeds 3]
+                               [--score combined|S] [--out runs/bench]
 
-Runs: no interaction, pseudo-corrections only, Lazy with the TP robot, Rand-Lazy at Lazy's budget
-per sequence (one row per seed with --rand-seeds N, and their mean: one random draw of 9-15
-frames is a noisy baseline); prints the paper's Table S1 columns plus fps, Lazy-layer overhead and
-Spearman(S_c, 1 - IoU), and writes ``table.md`` and ``bench.json`` under --out.
+Rows: no interaction; then for each correction kind -- ``click`` (the TP robot's click, turned
+into a mask by the refiner: GrabCut for the embedded one) and ``mask`` (the ground-truth mask, an
+upper bound on what a correction can give) -- Lazy and Rand-Lazy at Lazy's budget per sequence
+(one run per seed, and their mean). Columns: the paper's Table S1 figures, fps, the Lazy layer's
+share of the time, and the pooled Spearman with 1 - IoU of S alone and of S + F (the failure
+score, ``lazyxmem_core/failure.py``). A second table gives the per-sequence Spearman of the run
+without interaction, and, for data with ``composites.FOLDS``, the figures per fold. Writes
+``table.md`` (the README's table) and ``bench.json`` under --out.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from lazyxmem_core.engines import EngineSettings, lazy_config
-from lazyxmem_core.evaluation import evaluate
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from composites import fold_of  # noqa: E402
+
+from lazyxmem_core.engines import EngineSettings, lazy_config  # noqa: E402
+from lazyxmem_core.evaluation import evaluate  # noqa: E402
+
+KINDS = {"click": "refiner", "mask": "oracle"}  # row label -> the evaluation's correction mode
+
+
+def _row(name: str, s: dict, pct_rate: bool = True) -> str:
+    return (f"| {name} | {100 * s['J&F']:.1f} | {100 * s['J']:.1f} | {100 * s['F']:.1f} | {100 * s['R@0.5']:.1f} | "
+            f"{s['N_oI']:.1f} | {100 * s['interaction_rate']:.2f} | {s['fps']:.1f} | "
+            f"{100 * s['lazy_overhead']:.1f} % | {s['spearman_S_error']:.3f} | {s['spearman_failure_error']:.3f} |")
+
+
+def _mean(runs: list[dict]) -> dict:
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return {k: float(np.mean([r[k] for r in runs])) for k in keys}
 
 
 def main() -> None:
-    default_data = Path(os.environ.get("LAZYXMEM_DATA", ROOT.parent / "shared" / "data")) / "davis2016"
+    data_root = Path(os.environ.get("LAZYXMEM_DATA", ROOT.parent / "shared" / "data"))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(default_data))
+    p.add_argument("--data", default=str(data_root / "davis2016"))
     p.add_argument("--engine", default="embedded")
     p.add_argument("--refiner", default="embedded")
-    p.add_argument("--robot", default="tp", choices=("tp", "error", "box"))
-    p.add_argument("--correction", default="refiner", choices=("refiner", "oracle"))
-    p.add_argument("--modes", default="none,pseudo,lazy,rand-lazy")
+    p.add_argument("--kinds", default="click,mask", help="correction kinds: click (robot click -> refiner), mask (GT)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rand-seeds", type=int, default=1, help="Rand-Lazy runs, seeds --seed, --seed+1, ...")
+    p.add_argument("--rand-seeds", type=int, default=3, help="Rand-Lazy runs, seeds --seed, --seed+1, ...")
+    p.add_argument("--score", choices=("combined", "S"), default=None,
+                   help="what the triggers use (default: the engine's; S = the paper's triggers)")
     p.add_argument("--no-backward", action="store_true", help="corrections change only the frames after them")
-    p.add_argument("--no-sustained", action="store_true", help="only the paper's dS trigger asks the user")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     a = p.parse_args()
     settings = EngineSettings(engine=a.engine, refiner=a.refiner)
-    config = lazy_config(settings, backward=False if a.no_backward else None, sustained=not a.no_sustained)
+    config = lazy_config(settings, backward=False if a.no_backward else None, score=a.score)
     out = Path(a.out)
-    summaries = {}
-    for mode in a.modes.split(","):
-        budgets = None
-        if mode in ("rand-lazy", "every-k") and "lazy" in summaries:
-            budgets = {name: s["N_oI"] for name, s in summaries["lazy"]["sequences"].items()}
-        seeds = range(a.seed, a.seed + max(1, a.rand_seeds)) if mode == "rand-lazy" else [a.seed]
-        for seed in seeds:
-            key = f"{mode} (seed {seed})" if len(seeds) > 1 else mode
-            summaries[key] = evaluate(a.data, out / key.replace(" ", "_"), mode=mode, settings=settings, config=config,
-                                      robot=a.robot, seed=seed, correction=a.correction, save_masks=False, budgets=budgets)
-        if len(seeds) > 1:
-            runs = [summaries[f"{mode} (seed {seed})"] for seed in seeds]
-            summaries[f"{mode} (mean of {len(runs)})"] = {
-                k: float(np.mean([r[k] for r in runs])) for k, v in runs[0].items() if isinstance(v, (int, float))}
-    rows = ["| mode | J&F | J | F | R@0.1 | R@0.25 | R@0.5 | N_oI | rate % | N_dI | dI | pseudo | fps | lazy layer | Spearman |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for mode, s in summaries.items():
-        rows.append(f"| {mode} | {100 * s['J&F']:.1f} | {100 * s['J']:.1f} | {100 * s['F']:.1f} | {100 * s['R@0.1']:.1f} | "
-                    f"{100 * s['R@0.25']:.1f} | {100 * s['R@0.5']:.1f} | {s['N_oI']} | {s['interaction_rate']:.2f} | "
-                    f"{s['N_dI']:.2f} | {s['dI']:.1f} | {s['pseudo_corrections']} | {s['fps']:.1f} | "
-                    f"{100 * s['lazy_overhead']:.1f} % | {s['spearman_S_error']:.3f} |")
-    table = "\n".join(rows)
+    summaries: dict[str, dict] = {}
+
+    def run(key: str, mode: str, correction: str = "refiner", seed: int = 0, budgets: dict | None = None) -> dict:
+        summaries[key] = evaluate(a.data, out / key.replace(" ", "_").replace(",", ""), mode=mode, settings=settings,
+                                  config=config, robot="tp", correction=correction, seed=seed, save_masks=False,
+                                  budgets=budgets, show_progress=False)
+        print(_row(key, summaries[key]), flush=True)
+        return summaries[key]
+
+    run("none", "none")
+    for kind in a.kinds.split(","):
+        correction = KINDS[kind]
+        lazy = run(f"Lazy, {kind}", "lazy", correction)
+        budgets = {name: s["N_oI"] for name, s in lazy["sequences"].items()}
+        seeds = range(a.seed, a.seed + max(1, a.rand_seeds))
+        runs = [run(f"Rand-Lazy, {kind}, seed {seed}", "rand-lazy", correction, seed, budgets) for seed in seeds]
+        summaries[f"Rand-Lazy, {kind}, mean of {len(runs)}"] = _mean(runs)
+
+    header = ["| mode | J&F | J | F | R@0.5 | N_oI | rate % | fps | Lazy layer | Spearman S | Spearman S+F |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = header + [_row(k, s) for k, s in summaries.items()]
+    per_seq = ["", "Spearman with 1 - IoU per sequence, no interaction:", "",
+               "| sequence | J&F | S | S+F |", "|---|---|---|---|"]
+    for name, s in summaries["none"]["sequences"].items():
+        per_seq.append(f"| {name} | {100 * s['J&F']:.1f} | {s['spearman_S_error']:.3f} | {s['spearman_failure_error']:.3f} |")
+    folds = _folds(summaries)
+    table = "\n".join(rows + per_seq + folds)
     print(table)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")
     (out / "bench.json").write_text(json.dumps(summaries, indent=2, default=float))
+
+
+def _folds(summaries: dict[str, dict]) -> list[str]:
+    """Mean J&F per cross-validation fold for each run (data named as the development folds)."""
+    names = list(summaries["none"]["sequences"])
+    try:
+        fold = {n: fold_of(n) for n in names}
+    except ValueError:
+        return []
+    lines = ["", "J&F per fold (mean over its sequences):", "", "| mode | fold 0 | fold 1 |", "|---|---|---|"]
+    for key, s in summaries.items():
+        if "sequences" not in s:
+            continue
+        means = [np.mean([s["sequences"][n]["J&F"] for n in names if fold[n] == k] or [np.nan]) for k in (0, 1)]
+        lines.append(f"| {key} | {100 * means[0]:.1f} | {100 * means[1]:.1f} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,0 +1,194 @@
+"""The object-level failure signal (lazyxmem_core/failure.py) and its use by the Lazy controller:
+slow loss, which S does not see, must raise the failure score."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lazyxmem_core import Decision, LazyConfig, LazySession
+from lazyxmem_core.failure import FEATURES, Anchor, Frame, failure_score, features
+from lazyxmem_core.uncertainty import object_uncertainty
+
+H, W = 96, 128
+
+
+def scene(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A two-coloured object (red left half, blue right half) on a textured green background."""
+    rng = np.random.default_rng(seed)
+    img = np.clip(rng.normal((60, 120, 60), 12, (H, W, 3)), 0, 255).astype(np.uint8)
+    mask = np.zeros((H, W), bool)
+    mask[28:68, 34:94] = True
+    red = mask.copy()
+    red[:, 64:] = False
+    img[red] = np.clip(rng.normal((200, 40, 40), 10, (int(red.sum()), 3)), 0, 255).astype(np.uint8)
+    blue = mask & ~red
+    img[blue] = np.clip(rng.normal((40, 60, 210), 10, (int(blue.sum()), 3)), 0, 255).astype(np.uint8)
+    return img, mask
+
+
+def shrinking(t: int, n: int, mask: np.ndarray) -> np.ndarray:
+    """The mask on frame t of n: it loses the blue half column by column (slow loss)."""
+    m = mask.copy()
+    cut = 94 - round(30 * t / (n - 1))
+    m[:, cut:] = False
+    return m
+
+
+def confident_probs(mask: np.ndarray, q: float) -> np.ndarray:
+    """Background/object probabilities: q inside the mask, 1 - q in a 2-px band outside it, 0 beyond."""
+    import cv2
+
+    band = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    p = np.where(mask, q, np.where(band, 1 - q, 0.0)).astype(np.float32)
+    return np.stack([1 - p, p])
+
+
+def test_the_anchor_itself_scores_zero():
+    img, mask = scene()
+    frame = Frame.prepare(img)
+    anchor = Anchor.from_mask(frame, mask)
+    figs = features(frame, anchor, mask, mask.astype(np.float32))
+    assert set(figs) == set(FEATURES)
+    assert all(v == pytest.approx(0.0, abs=1e-9) for v in figs.values()), figs
+    assert failure_score(figs) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_slow_loss_raises_the_failure_score_while_S_falls():
+    img, mask = scene()
+    frame = Frame.prepare(img)
+    anchor = Anchor.from_mask(frame, mask)
+    n = 11
+    S, F, err = [], [], []
+    for t in range(n):
+        m = shrinking(t, n, mask)
+        # The propagator grows more confident as it keeps only the part it is sure of.
+        probs = confident_probs(m, 0.7 + 0.29 * t / (n - 1))
+        S.append(object_uncertainty(probs, m).S)
+        F.append(failure_score(features(frame, anchor, m, probs[1])))
+        err.append(1 - (m & mask).sum() / (m | mask).sum())
+    assert all(b < a for a, b in zip(S, S[1:])), S  # S alone says "more and more certain"
+    assert all(b > a for a, b in zip(F[1:], F[2:])), F  # F rises with the loss
+    assert F[-1] > 0.5 and F[0] < 0.05  # at first only the soft band's probability spills out
+    combined = [s + f for s, f in zip(S, F)]
+    assert np.corrcoef(np.argsort(np.argsort(combined)), np.argsort(np.argsort(err)))[0, 1] > 0.9
+
+
+def test_a_mask_on_background_is_foreign_and_an_empty_one_is_lost():
+    img, mask = scene()
+    frame = Frame.prepare(img)
+    anchor = Anchor.from_mask(frame, mask)
+    off = np.zeros_like(mask)
+    off[2:26, 2:32] = True  # background only
+    figs = features(frame, anchor, off)
+    assert figs["foreign"] > 0.5 and figs["coverage"] > 0.9
+    gone = features(frame, anchor, np.zeros_like(mask))
+    assert failure_score(gone) > failure_score(figs) > 1.0
+
+
+def test_fragments_and_spill():
+    img, mask = scene()
+    frame = Frame.prepare(img)
+    anchor = Anchor.from_mask(frame, mask)
+    split = mask.copy()
+    split[:, 60:70] = False
+    assert features(frame, anchor, split)["fragments"] > 0.3
+    prob = np.zeros(mask.shape, np.float32)
+    prob[mask] = 1.0
+    prob[:, :20] = 0.5  # probability mass far from the mask
+    assert features(frame, anchor, mask, prob)["spill"] == pytest.approx(0.5 * H * 20 / mask.sum(), rel=1e-3)
+
+
+def test_unknown_weights_are_refused():
+    with pytest.raises(ValueError, match="unknown failure feature"):
+        failure_score({}, {"area": 1.0})
+    img, mask = scene()
+    with pytest.raises(ValueError, match="unknown failure feature"):
+        LazySession(Shrinking(img, mask, 5), FramesOf(img, 5), {0: mask.astype(np.uint8)},
+                    config=LazyConfig(pseudo=False, failure_weights=(("area", 1.0),)))
+
+
+class FramesOf:
+    def __init__(self, img: np.ndarray, n: int) -> None:
+        self.img, self.n = img, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.img
+
+
+class Shrinking:
+    """A propagator that slowly loses the blue half, ever more confidently (and starts over from
+    the mask committed by a correction)."""
+
+    def __init__(self, img: np.ndarray, mask: np.ndarray, n: int) -> None:
+        self.mask, self.n = mask, n
+        self.reset()
+
+    @property
+    def labels(self) -> list[int]:
+        return [1]
+
+    def reset(self) -> None:
+        self.t, self.since_fix = -1, 0
+
+    def step(self, frame, given=None):
+        self.t += 1
+        self.since_fix += 1
+        m = shrinking(min(self.since_fix, self.n - 1), self.n, self.mask)
+        return confident_probs(m, min(0.99, 0.7 + 0.03 * self.since_fix))
+
+    def commit(self, mask=None, write=None):
+        if mask is not None and (mask == 1).sum() >= self.mask.sum() - 1:
+            self.since_fix = 0  # corrected back to the whole object
+        return bool(write)
+
+    def snapshot(self):
+        return self.t, self.since_fix
+
+    def restore(self, state):
+        self.t, self.since_fix = state
+
+
+def whole_object(mask: np.ndarray):
+    from lazyxmem_core import Correction
+
+    return lambda req: Correction(mask=mask.copy())
+
+
+def test_the_paper_trigger_misses_slow_loss_and_the_combined_score_asks():
+    img, mask = scene()
+    n = 30
+    given = {0: mask.astype(np.uint8)}
+    base = dict(pseudo=False, udu=False, tau_u=0.3, tau_s=None)
+    paper = LazySession(Shrinking(img, mask, 20), FramesOf(img, n), given, config=LazyConfig(**base),
+                        user=whole_object(mask))
+    paper.run()
+    assert not any(o.decision is Decision.USER for r in paper.records.values() for o in r.objects.values())
+    assert paper.failure_scores[n - 1][1] > 0.5  # measured, though the triggers do not use it
+
+    lazy = LazySession(Shrinking(img, mask, 20), FramesOf(img, n), given,
+                       config=LazyConfig(**base, score="combined", tau_f=0.5), user=whole_object(mask))
+    lazy.run()
+    asked = [t for t, r in sorted(lazy.records.items()) if r.objects[1].decision is Decision.USER]
+    assert asked and asked[0] < 15
+    # After the correction F starts again from the corrected mask, and the bar for the next request rose.
+    assert lazy.failure_scores[asked[0] + 1][1] < 0.2
+    assert lazy.view().score < paper.view().score  # the session's score sees the loss too
+
+
+def test_deferred_correction_drops_the_failure_scores_it_recomputes():
+    from lazyxmem_core import Correction
+
+    img, mask = scene()
+    n = 24
+    session = LazySession(Shrinking(img, mask, 40), FramesOf(img, n), {0: mask.astype(np.uint8)},
+                          config=LazyConfig(pseudo=False, udu=False, score="combined", tau_f=0.5, tau_u=5.0))
+    session.run()
+    review = session.review_frames
+    assert review
+    before = dict(session.failure_scores[n - 1])
+    session.correct({(review[0], 1): Correction(mask=mask.copy())})
+    assert session.failure_scores[n - 1][1] < before[1]
+    assert set(session.failure_scores) == set(range(1, n))
