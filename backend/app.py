@@ -99,6 +99,7 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
     app.request_class = _Request
     model = Service(settings or BackendSettings.from_env())
     app.config["model"] = model
+    model.jobs.resume()  # in-process jobs a killed predecessor left queued or running
     max_pixels = model.settings.max_pixels
     # Werkzeug refuses a longer body (413) before reading it: 40 MB bodies used to be parsed,
     # then echoed back in a 422 and in a log line.

@@ -61,7 +61,10 @@ class Service:
     def __init__(self, settings: BackendSettings | None = None) -> None:
         settings = settings or BackendSettings.from_env()
         self.tasks = TaskStore(settings.max_sessions)
-        self.jobs = make_queue(self.run_job, settings.redis_url, settings.job_retries, settings.job_timeout_s)
+        # In-process jobs are journalled under CACHE_DIR/jobs; the web app re-queues them at start.
+        self.jobs = make_queue(self.run_job, settings.redis_url, settings.job_retries, settings.job_timeout_s,
+                               journal_dir=str(Path(settings.cache_dir) / "jobs"),
+                               max_queued_per_project=settings.max_queued_per_project)
         self.redis = getattr(self.jobs, "redis", None)
         self.views = ViewStore(self.redis) if self.redis is not None else None
         self.ledger = PostLedger(self.redis)
