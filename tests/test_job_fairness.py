@@ -203,16 +203,18 @@ def test_journal_is_private_and_emptied_as_jobs_end(tmp_path):
     queue = LocalQueue(runner, journal_dir=str(journal))
     assert stat.S_IMODE(journal.stat().st_mode) == 0o700
     ids = [queue.submit(spec(1), 1), queue.submit(spec(2), 1), queue.submit(spec(3), 1)]
-    files = sorted(p.name for p in journal.iterdir())
+    mine = queue.journal.dir  # this process's folder, beside the lock it holds
+    assert mine.parent == journal and stat.S_IMODE(mine.stat().st_mode) == 0o700
+    files = sorted(p.name for p in mine.iterdir())
     assert files == sorted(f"{i}.job" for i in ids)
-    assert all(stat.S_IMODE((journal / f).stat().st_mode) == 0o600 for f in files)
+    assert all(stat.S_IMODE((mine / f).stat().st_mode) == 0o600 for f in files)
     assert queue.counts()["survives_restart"] is True
     queue.cancel_task(3)
-    assert not (journal / f"{ids[2]}.job").exists(), "a canceled job leaves the journal"
+    assert not (mine / f"{ids[2]}.job").exists(), "a canceled job leaves the journal"
     runner.release.set()
     for job_id in ids[:2]:
         wait_until(lambda j=job_id: ended(queue, j), 5, job_id)
-    assert list(journal.iterdir()) == [], "finished jobs leave the journal"
+    assert list(mine.iterdir()) == [], "finished jobs leave the journal"
 
 
 def test_jobs_survive_a_kill_9_of_the_web_process(tmp_path):
@@ -242,7 +244,7 @@ def test_jobs_survive_a_kill_9_of_the_web_process(tmp_path):
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-    assert len(list(journal.glob("lx-*.job"))) == 3
+    assert len(list(journal.rglob("lx-*.job"))) == 3
     runner = Runner(frames=2)
     queue = LocalQueue(runner, journal_dir=str(journal))
     assert runner.order == [], "nothing runs before resume(): the service may not be built yet"
@@ -252,7 +254,7 @@ def test_jobs_survive_a_kill_9_of_the_web_process(tmp_path):
         status = wait_until(lambda j=job_id: ended(queue, j), 10, job_id)
         assert status["status"] == "finished" and status["done"] == 2
     assert runner.order == [1, 2, 3], "re-queued in the order they were first submitted"
-    assert list(journal.glob("*.job")) == []
+    assert list(journal.rglob("*.job")) == []
 
 
 def test_a_job_that_keeps_killing_the_process_is_dropped_after_the_retries(tmp_path, caplog):
@@ -261,6 +263,7 @@ def test_a_job_that_keeps_killing_the_process_is_dropped_after_the_retries(tmp_p
     journal = Journal(tmp_path / "jobs")
     journal.add(spec(1).key, spec(1), 5, attempts=3)  # started three times, the process died each time
     journal.add(spec(2).key, spec(2), 5, attempts=1)
+    journal.close()  # its process is gone
     runner = Runner(frames=1)
     queue = LocalQueue(runner, journal_dir=str(tmp_path / "jobs"), retries=2)
     with caplog.at_level(logging.INFO, logger="backend.jobs"):
@@ -268,7 +271,7 @@ def test_a_job_that_keeps_killing_the_process_is_dropped_after_the_retries(tmp_p
     assert "started 3 times and never ended" in caplog.text and "task 1" in caplog.text
     assert "task 2: propagate job" in caplog.text and "re-queued after a restart" in caplog.text
     wait_until(lambda: ended(queue, spec(2).key), 5, "the resumed job")
-    assert runner.order == [2] and list((tmp_path / "jobs").glob("*.job")) == []
+    assert runner.order == [2] and list((tmp_path / "jobs").rglob("*.job")) == []
 
 
 def test_corrupt_journal_files_are_moved_aside_not_fatal(tmp_path, caplog):
@@ -278,6 +281,7 @@ def test_corrupt_journal_files_are_moved_aside_not_fatal(tmp_path, caplog):
     journal = Journal(folder)
     good = spec(3)
     journal.add(good.key, good, 4)
+    journal.close()
     (folder / "lx-propagate-1-0000.job").write_bytes(b"\x80\x05truncated")
     (folder / "lx-propagate-2-0000.job").write_bytes(pickle.dumps({"spec": "not a spec", "total": 1, "attempts": 0}))
     misfiled = spec(4)  # a real spec under another job's name
@@ -293,6 +297,23 @@ def test_corrupt_journal_files_are_moved_aside_not_fatal(tmp_path, caplog):
     assert not (folder / ".tmp-abc.job").exists()
     wait_until(lambda: ended(queue, good.key), 5, "the good job")
     assert runner.order == [3]
+
+
+def test_a_live_sibling_process_keeps_its_jobs(tmp_path):
+    """Web processes sharing CACHE_DIR (gunicorn WORKERS): one starting takes over the jobs of
+    processes that are gone, never those of one still running them."""
+    from backend.journal import Journal
+
+    sibling = Journal(tmp_path / "jobs")  # its lock held, as by a live process
+    sibling.add(spec(1).key, spec(1), 3)
+    runner = Runner(frames=1)
+    queue = LocalQueue(runner, journal_dir=str(tmp_path / "jobs"))
+    assert queue.resume() == [] and (sibling.dir / f"{spec(1).key}.job").exists()
+    sibling.close()  # the sibling dies: the kernel drops its lock
+    later = LocalQueue(runner, journal_dir=str(tmp_path / "jobs"))
+    assert later.resume() == [spec(1).key] and not sibling.dir.exists()
+    wait_until(lambda: ended(later, spec(1).key), 5, "the taken-over job")
+    assert runner.order == [1] and list((tmp_path / "jobs").rglob("*.job")) == []
 
 
 def test_journal_in_a_directory_of_another_user_is_refused(tmp_path, monkeypatch):
@@ -347,3 +368,25 @@ def test_cancel_route_and_health_fields(tmp_path):
     assert wait_until(lambda: ended(queue, running), 5, "the running job")["status"] == "canceled"
     assert runner.posted == []
     assert client.delete("/tasks/5/jobs", headers=auth).json == {"canceled": []}
+
+
+def test_journal_round_trips_a_correction_job_with_its_masks(tmp_path):
+    """A correction job carries numpy masks, clicks and a box: what the journal gives back after a
+    restart is the same work (same id, same masks)."""
+    import numpy as np
+
+    from backend.journal import Journal
+    from lazyxmem_core.types import Correction
+
+    mask = np.zeros((6, 8), bool)
+    mask[2:4, 3:6] = True
+    task = {"id": 4, "project": 2, "data": {"video": "/data/upload/1/v.mp4"}, "annotations": []}
+    job = JobSpec("correct", task, "<View/>", "lazyxmem-test", revision=2,
+                  corrections={(3, 1): Correction(mask=mask), (5, 2): Correction(box=(1.0, 2.0, 5.0, 6.0))})
+    journal = Journal(tmp_path / "jobs")
+    journal.add(job.key, job, 12, attempts=1)
+    journal.close()
+    [(back, total, attempts)] = Journal(tmp_path / "jobs").load(JobSpec)
+    assert back.key == job.key and (total, attempts) == (12, 1) and back.revision == 2
+    assert np.array_equal(back.corrections[(3, 1)].mask, mask) and back.corrections[(5, 2)].box == (1.0, 2.0, 5.0, 6.0)
+    assert back.submitted == job.submitted and back.project == "2"
