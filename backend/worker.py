@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker, get_current_job
 from rq.job import Job
 from rq.worker import WorkerStatus
@@ -65,7 +66,11 @@ def stop_check(job: Job | None) -> Callable[[], bool] | None:
         if now - last[0] < CANCEL_POLL_S:
             return False
         last[0] = now
-        if not job.connection.exists(cancel_key(job.id)):
+        try:
+            if not job.connection.exists(cancel_key(job.id)):
+                return False
+        except RedisError:  # Redis away for a moment: the job goes on, a later frame asks again
+            log.warning("job %s: its cancel flag could not be read", job.id, exc_info=True)
             return False
         if worker is not None:
             worker._stopped_job_id = job.id  # as the stop-job command does: RQ marks it stopped, no retry
