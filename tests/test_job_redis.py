@@ -87,6 +87,7 @@ def test_cancel_on_redis_drops_queued_jobs_and_stops_the_running_one(queue, redi
         while time.time() < end and model.frames_done.get(7, 0) < 5:
             time.sleep(0.01)
         seen["running"] = queue.status(running)["status"]
+        seen["counts"] = queue.counts()
         seen["canceled"] = queue.cancel_task(7)
         seen["frames"] = model.frames_done.get(7, 0)
         seen["queued"] = queue.status(queued)["status"]
@@ -100,6 +101,7 @@ def test_cancel_on_redis_drops_queued_jobs_and_stops_the_running_one(queue, redi
     run_worker(redis_url, model, monkeypatch)
     helper.join(5)
     assert seen["running"] == "running" and sorted(seen["canceled"]) == sorted([running, queued])
+    assert seen["counts"] == {"queue": "redis", "survives_restart": True, "queued": 2, "running": 1}
     assert seen["queued"] == "canceled", "a queued job is canceled at once"
     stopped = queue.status(running)
     assert stopped["status"] == "canceled" and stopped["error"] is None and stopped["attempts"] == 1
@@ -150,9 +152,16 @@ def test_failed_jobs_on_redis_name_the_type_only(queue, redis_url, monkeypatch, 
     assert status["error"].startswith("the video has 0 frames") and "upload a playable file" in status["error"]
 
 
-def test_counts_say_so_when_redis_is_unreachable():
+def test_health_counts_answer_within_a_second_when_redis_does_not():
+    import socket
+
     from backend.redis_queue import RedisQueue as Q
 
-    q = Q("redis://127.0.0.1:1/0")  # nothing listens on port 1
-    counts = q.counts()
-    assert counts["queue"] == "redis" and "unreachable" in counts["error"]
+    refused = Q("redis://127.0.0.1:1/0").counts()  # nothing listens on port 1
+    assert refused["queue"] == "redis" and "unreachable" in refused["error"]
+    with socket.socket() as mute:  # accepts connections (the kernel's backlog) but never answers
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        t0 = time.perf_counter()
+        silent = Q(f"redis://127.0.0.1:{mute.getsockname()[1]}/0").counts()
+        assert time.perf_counter() - t0 < 1.0 and "unreachable (TimeoutError)" in silent["error"]
