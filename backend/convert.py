@@ -59,6 +59,13 @@ class ObjectPrompt:
     box: Box | None = None
     mask: np.ndarray | None = None
     clicks: list[Click] = field(default_factory=list)
+    drawn: tuple[float, float, float, float] | None = None  # a video box as drawn: x, y, width, height (%)
+
+
+def drawn_boxes(prompts: Sequence[ObjectPrompt]) -> dict[tuple[int, int], tuple[float, float, float, float]]:
+    """(decoded frame, object value) -> the box the user drew there, for :func:`video_results`'
+    ``drawn``; objects are numbered from 1 in the prompts' order, as the session numbers them."""
+    return {(p.frame, value): p.drawn for value, p in enumerate(prompts, start=1) if p.drawn is not None}
 
 
 def pct_box(v: dict, width: int, height: int, where: str) -> Box:
@@ -117,7 +124,8 @@ def video_prompts(results: Iterable[dict], cfg: LabelConfig, width: int, height:
         if not 0 <= frame < n_frames:
             raise TaskError(f"{where}: keyframe {frame + 1} is outside the video (1..{n_frames})")
         box = pct_box(first, width, height, f"{where} frame {first.get('frame', 1)}")
-        prompts.append(ObjectPrompt(str(r.get("id")), label_of(r.get("value") or {}), frame, box=box))
+        drawn = tuple(float(first[k]) for k in ("x", "y", "width", "height"))
+        prompts.append(ObjectPrompt(str(r.get("id")), label_of(r.get("value") or {}), frame, box=box, drawn=drawn))
     return prompts
 
 

@@ -178,3 +178,20 @@ def test_a_keyframe_past_the_label_studio_count_is_refused():
     fmap = FrameMap(25.0, 24.0, 60)
     with pytest.raises(convert.TaskError, match=r"outside the video \(1\.\.63"):
         convert.keyframe_index({"frame": 64}, "region r1", fmap)
+
+
+def test_the_track_keeps_the_drawn_box_on_the_frame_it_was_drawn():
+    cfg = parse_label_config(CFG.format(rate="25"))
+    masks = [np.zeros((H, W), np.uint8) for _ in range(10)]
+    for i, m in enumerate(masks):
+        m[20:20 + SIDE, object_x(i):object_x(i) + SIDE] = 1
+    kf = {"frame": 4, "x": 1.0, "y": 28.0, "width": 9.5, "height": 20.0, "rotation": 0, "enabled": True}
+    region = {"id": "r1", "from_name": "box", "to_name": "video", "type": "videorectangle",
+              "value": {"sequence": [kf], "labels": ["Object"]}}
+    prompts = convert.video_prompts([region], cfg, W, H, len(masks))
+    drawn = convert.drawn_boxes(prompts)
+    assert drawn == {(3, 1): (1.0, 28.0, 9.5, 20.0)}
+    (track,) = convert.video_results(cfg, masks, [(1, "Object")], [], [], 25.0, drawn=drawn)
+    on4 = box_at(track["value"]["sequence"], 4)
+    assert on4 == pytest.approx((1.0, 28.0, 9.5, 20.0))  # what the user drew, not the mask's bounding box
+    assert box_at(track["value"]["sequence"], 6)[0] == pytest.approx(100 * object_x(5) / W)
