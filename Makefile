@@ -49,8 +49,12 @@ install: $(STAMP)
 
 install-e2e: $(STAMP) $(LS_STAMP) sysdeps
 
+# Binds 127.0.0.1 unless basic auth is set (BASIC_AUTH_USER/BASIC_AUTH_PASS); HOST=0.0.0.0 without
+# it is refused unless ALLOW_OPEN=1 (scripts/bind_address.sh says why and how).
 run: $(STAMP)
-	$(VENV)/bin/gunicorn --bind 0.0.0.0:$(PORT) --workers $(WORKERS) --threads $(THREADS) --timeout 0 backend.wsgi:app
+	@bind=$$(HOST="$(HOST)" PORT="$(PORT)" sh scripts/bind_address.sh) || exit $$?; \
+	echo "gunicorn --bind $$bind"; \
+	exec $(VENV)/bin/gunicorn --bind "$$bind" --workers $(WORKERS) --threads $(THREADS) --timeout 0 backend.wsgi:app
 
 test: $(STAMP) $(LS_STAMP) sysdeps
 	$(PY) -m pytest -q tests
