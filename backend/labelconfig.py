@@ -109,9 +109,13 @@ def parse_label_config(xml: str) -> LabelConfig:
         if brush is None:
             raise ConfigError(f"the <Image name=\"{name}\" valueList> has no <BrushLabels toName=\"{name}\">: "
                               "masks are predicted as brush labels; add one")
-        shapes = tuple(c for c in mine if c.type in ("brushlabels", "rectanglelabels", "keypointlabels"))
+        # A RectangleLabels holding only "Needs review" is the backend's review mark, not a tool
+        # that starts objects; one that also holds object labels (older configs) is both.
+        review_box = next((c for c in mine if c.type == "rectanglelabels" and c.labels == (REVIEW_LABEL,)), None) \
+            or next((c for c in mine if c.type == "rectanglelabels" and REVIEW_LABEL in c.labels), None)
+        shapes = tuple(c for c in mine if c.type in ("brushlabels", "rectanglelabels", "keypointlabels")
+                       and c.labels != (REVIEW_LABEL,))
         review = next((c for c in mine if c.type == "choices" and c.per_item), None)
-        review_box = next((c for c in mine if c.type == "rectanglelabels" and REVIEW_LABEL in c.labels), None)
         clicks = next((c for c in mine if c.type == "keypointlabels"), None)
         return LabelConfig("images", name, image.get("valueList", "").lstrip("$"), shapes=shapes, output=brush,
                            review=review, review_box=review_box, clicks=clicks, xml=xml)
