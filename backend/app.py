@@ -90,7 +90,9 @@ def _check_auth(user: str, password: str) -> bool:
         given_user, _, given_pass = base64.b64decode(header[6:]).decode("utf-8").partition(":")
     except Exception:
         return False
-    return hmac.compare_digest(given_user, user) & hmac.compare_digest(given_pass, password)
+    # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
+    return (hmac.compare_digest(given_user.encode(), user.encode())
+            & hmac.compare_digest(given_pass.encode(), password.encode()))
 
 
 def create_app(settings: BackendSettings | None = None) -> Flask:
@@ -148,7 +150,8 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
     @app.get("/health")
     def health() -> Any:
         return jsonify(status="UP", model_class="LazyXMem", engine=propagator_name(settings),
-                       refiner=refiner_name(settings), version=__version__, jobs=model.jobs.counts())
+                       refiner=refiner_name(settings), version=__version__, jobs=model.jobs.counts(),
+                       notices_pending=model.notifier.pending)
 
     @app.post("/setup")
     def setup() -> Any:

@@ -141,7 +141,7 @@ class Notifier:
     """One background thread that looks notices up, in order, and hands them to ``handle``."""
 
     def __init__(self, handle: Callable[[Notice], None], max_pending: int = 10000,
-                 retry_delays: tuple[float, ...] = (1.0, 3.0, 10.0)) -> None:
+                 retry_delays: tuple[float, ...] = (2.0, 8.0)) -> None:
         self.handle = handle
         self.max_pending = max_pending
         self.retry_delays = retry_delays

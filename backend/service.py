@@ -16,6 +16,7 @@ the task store (whose session, which lock) -> the core (``LazySession``, ``Sessi
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -52,9 +53,10 @@ MAX_OBJECTS = 255  # index masks are 8-bit
 
 
 def is_cuda_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+    # Without torch loaded there is no GPU to run out of; importing it here made the first bad
+    # request of an embedded-engine server cost 3 s and 500 MB.
+    torch = sys.modules.get("torch")
+    return torch is not None and (isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc))
 
 
 class Service:

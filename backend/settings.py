@@ -78,6 +78,12 @@ class BackendSettings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     lazy: LazyConfig | None = None  # None: the engine's thresholds, object-loss detection on
 
+    def __post_init__(self) -> None:
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            # A user without a password used to let anyone in with an empty one.
+            raise LazyXMemError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (or neither): "
+                                "one of them is empty")
+
     @classmethod
     def from_env(cls) -> BackendSettings:
         engine = EngineSettings.from_env()

@@ -5,6 +5,7 @@ echoes the body back; no NaN in any reply (issue 17, Deliver 2 and 4).
 Reuses test_backend's fake Label Studio and client (imported fixtures)."""
 from __future__ import annotations
 
+import base64
 import json
 import math
 import resource
@@ -489,3 +490,25 @@ def test_a_webhook_naming_too_many_tasks_is_refused_and_a_flood_is_bounded(clien
     assert client.get("/health").status_code == 200 and time.perf_counter() - t0 < 1.0
     gate.set()
     assert client.model.notifier.wait_idle()
+
+
+@pytest.mark.parametrize("credentials", ["ü:ß", "ann:pw\u00e9", "\u202e:x", "ann"])
+def test_non_ascii_or_odd_basic_auth_credentials_get_a_401_not_a_500(client, credentials):
+    header = {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
+    r = client.post("/predict", headers=header, json={"tasks": []})
+    assert r.status_code == 401 and "basic auth" in r.json["error"], r.json
+
+
+def test_a_non_ascii_password_works_and_a_user_without_password_is_refused_at_start(tmp_path):
+    from backend.settings import BackendSettings
+    from lazyxmem_core.engines import EngineSettings
+    from lazyxmem_core.errors import LazyXMemError
+
+    engine = EngineSettings(engine="embedded", refiner="embedded")
+    app = create_app(BackendSettings(cache_dir=str(tmp_path), basic_auth_user="ännä", basic_auth_pass="pässwörd",
+                                     engine=engine))
+    good = {"Authorization": "Basic " + base64.b64encode("ännä:pässwörd".encode()).decode()}
+    assert app.test_client().get("/versions", headers=good).status_code == 200
+    assert app.test_client().get("/versions").status_code == 401
+    with pytest.raises(LazyXMemError, match="must be set together"):
+        BackendSettings(cache_dir=str(tmp_path), basic_auth_user="ann", engine=engine)
