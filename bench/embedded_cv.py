@@ -43,6 +43,9 @@ GRID: dict[str, dict] = {
     "sigma3": {"sigma": 3.0},
     "gamma0": {"gamma": 0.0},
     "mem10": {"mem_every": 10},
+    "prior100": {"prior_count": 100.0},
+    "prior10": {"prior_count": 10.0},
+    "anchor0.9": {"anchor_weight": 0.9},
 }
 
 

@@ -256,3 +256,16 @@ def test_bad_input_is_rejected() -> None:
     prop.commit()
     with pytest.raises(ValueError, match="differs"):
         prop.step(frames[1][:-2])
+    with pytest.raises(ValueError, match="anchor_weight"):
+        EmbeddedPropagator(anchor_weight=1.5)
+
+
+def test_anchor_weight_reaches_the_colour_models() -> None:
+    frames, masks = make_video(n=8)
+    prop = EmbeddedPropagator(anchor_weight=0.9, mem_every=2)
+    for i, f in enumerate(frames):
+        prop.step(f, masks[0] if i == 0 else None)
+        prop.commit()
+    models = prop.snapshot()["models"]
+    assert {m.anchor_weight for m in models.values()} == {0.9}
+    assert all(m.anchors and m.recent for m in models.values())  # both kinds of memory were written
