@@ -21,14 +21,14 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
 
     from lazyxmem_core.errors import LazyXMemError
 
+    from .ls_io import LabelStudioIO, PostLedger
     from .service import Service
     from .settings import BackendSettings
 
     settings = BackendSettings.from_env()
     settings = replace(settings, ls_url=args.url or settings.ls_url, api_key=args.api_key or settings.api_key,
                        redis_url=args.redis_url or settings.redis_url)
-    model = Service(settings)
-    client = model.ls.client()
+    client = LabelStudioIO(settings.ls_url, settings.api_key, PostLedger()).client()
     try:
         project = client.projects.get(id=args.project)
         tasks = [t.model_dump(mode="json") if hasattr(t, "model_dump") else dict(t)
@@ -38,10 +38,15 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
                             f"{args.project}: {str(exc.body)[:200]}; check the project id and the API key") from None
     except (httpx.HTTPError, OSError) as exc:
         raise LazyXMemError(f"cannot reach Label Studio at {settings.ls_url} ({exc}): check LABEL_STUDIO_URL") from None
+    # This command's own in-process queue takes the whole project (the bound protects a server's).
+    model = Service(settings if settings.redis_url else
+                    replace(settings, max_queued_per_project=max(settings.max_queued_per_project, len(tasks))))
     out = model.preannotate(tasks, project.label_config)
     jobs: dict[Any, str] = out["jobs"]
     print(f"project {args.project}: {len(jobs)} task(s) queued, {len(out['skipped'])} without regions skipped"
           + (f" (on Redis: {settings.redis_url})" if settings.redis_url else ""))
+    for task_id, why in (out.get("refused") or {}).items():
+        print(f"task {task_id}: refused: {why}", file=sys.stderr)
     if not jobs or (settings.redis_url and args.no_wait):
         return 0
     finished: dict[str, dict] = {}
@@ -51,14 +56,15 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
                 if job_id in finished:
                     continue
                 status = model.jobs.status(job_id)
-                if status and status["status"] in ("finished", "failed"):
+                if status and status["status"] in ("finished", "failed", "canceled"):
                     finished[job_id] = status
                     bar.update(1)
             time.sleep(0.5)
-    failed = {t: finished[j]["error"] for t, j in jobs.items() if finished[j]["status"] == "failed"}
+    failed = {t: finished[j]["error"] or finished[j]["status"] for t, j in jobs.items()
+              if finished[j]["status"] != "finished"}
     for task_id, error in failed.items():
         print(f"task {task_id}: failed: {error}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or out.get("refused") else 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

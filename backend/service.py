@@ -41,7 +41,7 @@ from .edits import Corrections, initial_regions, start_digest
 from .bounded_media import BoundedMedia
 from .checks import InputError, check_annotation, check_task, safe_message, shown
 from .fetch import MediaFetcher
-from .jobs import JobSpec, PriorityGate, Progress, make_queue
+from .jobs import JobSpec, PriorityGate, Progress, QueueFull, make_queue
 from .labelconfig import LabelConfig, parse_label_config
 from .ls_io import LabelStudioIO, PostLedger, upstream_status
 from .notices import IMPORT, ConnectedProjects, Notice, Notifier, NotYet, notices_from
@@ -50,6 +50,7 @@ from .task_store import TaskState, TaskStore, ViewStore, video_key
 
 log = logging.getLogger(__name__)
 MAX_OBJECTS = 255  # index masks are 8-bit
+MAX_INTERACTIVE_ANSWERS = 8  # refiner calls one interactive request may make
 
 
 def is_cuda_oom(exc: BaseException) -> bool:
@@ -240,10 +241,11 @@ class Service:
         out: list = []
         jobs: dict[int, str] = {}
         deadline = time.monotonic() + self.settings.sync_budget_s
-        for task in tasks:
+        for i, task in enumerate(tasks):
             task_id = int(task.get("id") or 0)
+            unread = i > 0 and time.monotonic() >= deadline
             try:
-                entry = self.guard_oom(task_id, lambda: self._predict_one(task, cfg, deadline))
+                entry = self.guard_oom(task_id, lambda: self._predict_one(task, cfg, deadline, unread))
             except LazyXMemError as exc:
                 if len(tasks) == 1:  # the caller sees the error itself (4xx with the message)
                     raise
@@ -256,7 +258,7 @@ class Service:
             out.append(entry)
         return out, jobs
 
-    def _predict_one(self, task: dict, cfg: LabelConfig, deadline: float) -> dict | list | str:
+    def _predict_one(self, task: dict, cfg: LabelConfig, deadline: float, unread: bool = False) -> dict | list | str:
         """A prediction, ``[]`` (nothing to predict from) or the id of the job that will post it."""
         task_id = int(task.get("id") or 0)
         self.media.value(task, cfg)  # a task without the config's media is an error, regions or not
@@ -275,6 +277,12 @@ class Service:
             log.info("task %s: no region to start from yet; nothing to predict", task_id)
             return []
         self.check_objects(task_id, cfg, regions)
+        if unread:
+            # The request's budget went on earlier tasks of the batch: even reading this one's
+            # header (a download) is left to the job.
+            job_id = self.submit("propagate", task, cfg.xml, 0)
+            log.info("task %s: past this request's SYNC_BUDGET_S; queued unread (job %s)", task_id, job_id)
+            return job_id
         n = self.media.declared_frames(task, cfg) if cfg.mode == "video" else len(
             (task.get("data") or {}).get(cfg.value_key) or [])
         fits = n is not None and n * max(1, len(regions)) * self.seconds_per_object_frame <= deadline - time.monotonic()
@@ -370,6 +378,12 @@ class Service:
         """The mask each correction gives now: refined against the frame's forward mask where
         the view has it (what the re-propagation will refine against too), else the frame alone
         with the object's last given mask as the reference."""
+        if len(corrections) > MAX_INTERACTIVE_ANSWERS:
+            # Each answer is a refiner call inside the request (a forged context with 1000
+            # keyframes was 1000 GrabCuts, 21 s); the editor sends one region at a time.
+            raise TaskError(f"task {task_id}: an interactive call names {len(corrections)} frame/object pairs; at most "
+                            f"{MAX_INTERACTIVE_ANSWERS} are answered at once: submit the annotation instead "
+                            "(its frames are re-propagated in the background)")
         refiner = self.refiner()
         answers = {}
         for (t, value), corr in corrections.items():
@@ -546,7 +560,11 @@ class Service:
             return "refused", str(exc)
         data = task.get("data") or {}
         frames = next((len(v) for v in data.values() if isinstance(v, list)), 0)
-        return "queued", self.submit("propagate", task, label_config, frames)
+        try:
+            return "queued", self.submit("propagate", task, label_config, frames)
+        except QueueFull as exc:  # the project's share of the queue is full: said, not dropped
+            log.warning("task %s: %s", task.get("id"), exc)
+            return "refused", str(exc)
 
     # -- jobs ------------------------------------------------------------------------------------
     def submit(self, kind: str, task: dict, label_config: str, total: int, **extra: Any) -> str:

@@ -512,3 +512,32 @@ def test_a_non_ascii_password_works_and_a_user_without_password_is_refused_at_st
     assert app.test_client().get("/versions").status_code == 401
     with pytest.raises(LazyXMemError, match="must be set together"):
         BackendSettings(cache_dir=str(tmp_path), basic_auth_user="ann", engine=engine)
+
+
+def test_an_interactive_call_naming_many_frames_is_refused_before_refining(client, fake_ls):
+    """A context with a box on every frame would be one refiner call each inside the request."""
+    video = fake_ls[1]
+    task = video_task(video)
+    assert client.post("/predict", headers=AUTH, json={"tasks": [task], "label_config": VIDEO_CFG}).status_code == 200
+    kfs = [{"frame": f, "x": 5.0 + f, "y": 5.0, "width": 20.0, "height": 20.0, "rotation": 0, "enabled": True}
+           for f in range(1, 13)]
+    region = {"id": "r1", "from_name": "box", "to_name": "video", "type": "videorectangle",
+              "value": {"sequence": kfs, "labels": ["Object"]}}
+    r, seconds = timed(lambda: client.post("/predict", headers=AUTH, json={
+        "tasks": [task], "label_config": VIDEO_CFG, "params": {"context": {"result": [region]}}}))
+    assert r.status_code == 422 and "at most 8 are answered at once" in r.json["error"], r.json
+    assert seconds < 2.0 and not client.model.jobs.jobs
+
+
+def test_a_batch_past_its_budget_queues_the_rest_without_reading_them(client, fake_ls, monkeypatch):
+    """A batch /predict reads each video's header (a download) to size its job; once the request's
+    SYNC_BUDGET_S is spent the remaining tasks are queued unread, so a batch of many slow videos
+    cannot hold a web thread for MEDIA_TIMEOUT_S each."""
+    client.model.settings = replace(client.model.settings, sync_budget_s=0.0)
+    read = []
+    real = client.model.media.declared_frames
+    monkeypatch.setattr(client.model.media, "declared_frames", lambda task, cfg: read.append(task["id"]) or real(task, cfg))
+    tasks = [video_task(fake_ls[1], task_id=t) for t in (71, 72, 73, 74)]
+    r = client.post("/predict", headers=AUTH, json={"tasks": tasks, "label_config": VIDEO_CFG})
+    assert r.status_code == 200 and r.json["results"] == [[]] * 4 and sorted(r.json["jobs"]) == ["71", "72", "73", "74"]
+    assert read == [71]
