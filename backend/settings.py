@@ -50,8 +50,9 @@ class BackendSettings:
     max_frames: int = 20000
     frame_store_mb: float = 8192  # a video whose raw frames are larger is kept JPEG-compressed on disk
     # Pixels per frame (and per brush region), read from the file or RLE header before decoding: a
-    # 762 KB PNG can hold 16000x16000 pixels (9 GB once decoded and refined). 36 M: 8K UHD fits.
-    max_pixels: int = 36_000_000
+    # 762 KB PNG can hold 16000x16000 pixels (9 GB once decoded and refined), a 100 KB H.264 file
+    # three 6000x6000 frames (1.2 GB, 9 s). 10 M: 4K (4096x2160) fits, anything larger is refused.
+    max_pixels: int = 10_000_000
     max_request_mb: float = 50  # request bodies; larger ones get a 413 before they are read
     max_sessions: int = 8
     # A batch /predict propagates inside the request only when it should end within this; longer

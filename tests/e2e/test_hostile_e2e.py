@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -231,6 +232,10 @@ def test_forged_webhooks_are_not_believed(world):
                                                  "annotations": [{"id": 1, "result": [poison]}]}]},
         "import_named_for_unconnected_project": {"action": "TASKS_CREATED", "project": {"id": b.project_id},
                                                  "tasks": [{"id": b.task_ids[0]}]},
+        # a video annotation with 1000 edited keyframes (was 1000 GrabCuts inside the request, 21 s)
+        "annotation_1000_keyframes": {"action": "ANNOTATION_UPDATED", "project": {"id": a.project_id}, "task": {"id": task},
+                                      "annotation": {"id": world["annotation"]["id"], "result": [
+                                          {**poison, "value": {**poison["value"], "sequence": poison["value"]["sequence"] * 50}}]}},
         # an id that does not exist: no oracle, no upstream error body
         "unknown_task": {"action": "TASKS_CREATED", "project": {"id": a.project_id}, "tasks": [{"id": 99999999}]},
     }
@@ -268,6 +273,16 @@ def test_bombs_are_refused_within_2s_without_memory(world):
                                                            value={"x": 10, "y": 10, "width": 20, "height": 20,
                                                                   "rectanglelabels": ["Object"]})]}]}
     nested = "[" * 100_000 + "]" * 100_000
+    big = world["base"] / "6000x6000.mp4"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "color=c=black:s=6000x6000:r=25",
+                    "-frames:v", "3", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(big)], check=True)
+    media.routes["/6000x6000.mp4"] = big.read_bytes()  # 100 KB; its frames decoded were 2.5 GB (over MAX_PIXELS now)
+    many = json.loads(json.dumps(video_task))
+    first = video_region(world["scene"].masks[0] == 1)
+    many["annotations"] = [{"id": 1, "result": [
+        {**first, "id": f"o{i}", "value": {**first["value"], "sequence": [
+            {"frame": 1, "x": (i % 20) * 4.5, "y": (i // 20) * 5.5, "width": 4, "height": 5, "rotation": 0, "enabled": True}]}}
+        for i in range(300)]}]
     cases = {
         "rle_2e9_values": (lambda: requests.post(f"{backend.url}/predict", auth=auth, timeout=30,
                                                  json={"tasks": [rle_task], "label_config": images_cfg}), 422),
@@ -276,6 +291,10 @@ def test_bombs_are_refused_within_2s_without_memory(world):
         "body_60MB": (lambda: requests.post(f"{backend.url}/predict", auth=auth, timeout=30,
                                             data=b"{" + b" " * (60 * 2**20) + b"}",
                                             headers={"Content-Type": "application/json"}), 413),
+        "video_6000x6000": (lambda: requests.post(f"{backend.url}/predict", auth=auth, timeout=30, json={
+            "tasks": [{**video_task, "data": {"video": f"{media.url}/6000x6000.mp4"}}], "label_config": VIDEO_CONFIG}), 422),
+        "objects_300": (lambda: requests.post(f"{backend.url}/predict", auth=auth, timeout=30,
+                                              json={"tasks": [many], "label_config": VIDEO_CONFIG}), 422),
         "json_100k_deep": (lambda: requests.post(f"{backend.url}/predict", auth=auth, timeout=30, data=nested,
                                                  headers={"Content-Type": "application/json"}), 400),
         "nan_box": (lambda: requests.post(f"{backend.url}/predict", auth=auth, timeout=30,
