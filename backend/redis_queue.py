@@ -10,11 +10,12 @@ Redis keeps the jobs, so they survive a restart of the web process and of any wo
   (``rq.command.send_stop_job_command``), which :class:`backend.worker.LazyXMemWorker` turns into a
   stop between two frames, plus a flag key the worker also reads, for a job that started after the
   command was sent. A stopped job ends ``stopped`` in RQ (no retry), ``canceled`` here.
-- Fair order: not within a lane. RQ's ``RoundRobinWorker`` (rq 3.0) rotates over a worker's fixed
-  list of queues, so fairness would need one queue per project and workers listening on queues
-  created after they started, and it would also rotate the interactive lane into the batch one,
-  which must come first. The per-project bound is what keeps one project from pushing the others
-  back by more than ``max_queued_per_project`` jobs; add workers to drain a backlog.
+- Fair order between projects: a job whose project has nothing waiting in its lane goes to the
+  front of the lane (RQ's ``at_front``), so one project's backlog never holds up a project that
+  submits a few jobs; a project that has jobs waiting queues behind them, first in, first out.
+  (Exact round-robin would need one RQ queue per project, and RQ's ``RoundRobinWorker`` rotates
+  over a fixed list of queues known when the worker starts, the interactive lane included, which
+  must come first.) The per-project bound keeps a backlog to ``max_queued_per_project`` jobs.
 """
 from __future__ import annotations
 
@@ -81,7 +82,9 @@ class RedisQueue:
             if queued >= self.max_queued_per_project:
                 raise queue_full(project, queued, self.max_queued_per_project)
             self.redis.delete(cancel_key(job_id))  # a cancel of an earlier run is not this one's
-            self.queues[spec.lane].enqueue("backend.worker.run_job", spec, total, job_id=job_id,
+            lane = self.queues[spec.lane]
+            at_front = len(lane) > 0 and not self.waiting_in(project, lane.name)
+            lane.enqueue("backend.worker.run_job", spec, total, job_id=job_id, at_front=at_front,
                                            retry=Retry(max=self.retries) if self.retries > 0 else None,  # RQ refuses max=0
                                            job_timeout=self.timeout_s,
                                            result_ttl=INDEX_TTL_S, failure_ttl=INDEX_TTL_S,
@@ -108,6 +111,18 @@ class RedisQueue:
         if gone:
             self.redis.srem(key, *gone)
         return len(ids) - len(gone)
+
+    def waiting_in(self, project: str, queue_name: str) -> bool:
+        """Whether the project has a job waiting in that RQ queue (checked against RQ, not the set)."""
+        from rq.job import Job
+
+        ids = [m.decode() for m in self.redis.smembers(project_key(project))]
+        if not ids:
+            return False
+        with self.redis.pipeline() as pipe:
+            for job_id in ids:
+                pipe.hmget(Job.key_for(job_id), "status", "origin")
+            return any(status in QUEUED_STATES and origin == queue_name.encode() for status, origin in pipe.execute())
 
     def _states(self, job_ids: list[str]) -> list[bytes | None]:
         from rq.job import Job

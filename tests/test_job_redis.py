@@ -77,9 +77,9 @@ def test_per_project_bound_on_redis(queue):
 
 def test_cancel_on_redis_drops_queued_jobs_and_stops_the_running_one(queue, redis_url, monkeypatch):  # noqa: F811
     model = FakeModel(frames=2000, frame_s=0.005)
-    running = queue.submit(spec(7, video="a.mp4"), 2000)
-    queued = queue.submit(spec(7, video="b.mp4"), 2000)
     other = queue.submit(spec(9, project=2, video="c.mp4"), 2000)
+    running = queue.submit(spec(7, video="a.mp4"), 2000)  # project 1 has nothing waiting: ahead of project 2's
+    queued = queue.submit(spec(7, video="b.mp4"), 2000)  # behind its own project's job
     seen: dict = {}
 
     def cancel_when_under_way() -> None:
@@ -165,3 +165,20 @@ def test_health_counts_answer_within_a_second_when_redis_does_not():
         t0 = time.perf_counter()
         silent = Q(f"redis://127.0.0.1:{mute.getsockname()[1]}/0").counts()
         assert time.perf_counter() - t0 < 1.0 and "unreachable (TimeoutError)" in silent["error"]
+
+
+def test_a_project_with_nothing_waiting_goes_ahead_of_another_projects_backlog(redis_url, monkeypatch):  # noqa: F811
+    q = RedisQueue(redis_url, retries=0, max_queued_per_project=100)
+    q.redis.flushdb()
+    try:
+        for t in range(1, 31):  # a flood from project 1
+            q.submit(spec(t, project=1), 3)
+        q.submit(spec(100, project=2), 3)  # project 2's one job
+        q.submit(spec(31, project=1), 3)  # more of the flood: behind its own backlog
+        q.submit(spec(101, project=2), 3)  # project 2 has one waiting: it queues behind it
+        model = FakeModel(frames=1)
+        run_worker(redis_url, model, monkeypatch)
+        # project 2's first job goes ahead of the backlog; the rest keep their projects' order
+        assert model.posted == [100] + list(range(1, 32)) + [101], model.posted
+    finally:
+        q.redis.flushdb()
