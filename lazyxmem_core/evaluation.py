@@ -84,6 +84,7 @@ class SequenceResult:
     seconds: float
     ious: dict[int, list[float]] = field(default_factory=dict)  # label -> IoU per GT frame (NaN elsewhere)
     failure: dict[int, dict[int, float]] = field(default_factory=dict)  # frame -> label -> failure score F
+    figures: dict[tuple[int, int], dict[str, float]] = field(default_factory=dict)  # (frame, label) -> F's figures
 
     @property
     def n_user(self) -> int:
@@ -123,7 +124,9 @@ def run_sequence(
     t0 = time.perf_counter()
     records = session.run(progress=progress)
     seconds = time.perf_counter() - t0
-    return _score(seq, records, seconds, session.failure_scores)
+    res = _score(seq, records, seconds, session.failure_scores)
+    res.figures = dict(session.failure_figures)
+    return res
 
 
 def _score(seq: EvalSequence, records: list[FrameRecord], seconds: float,
@@ -360,6 +363,9 @@ def plot_sequence(res: SequenceResult, path: Path) -> None:
         dS = [np.nan if r.objects[label].dS is None else r.objects[label].dS for r in res.records if label in r.objects]
         ax.plot(ts, S, color="tab:blue", lw=1.2, label="S (masked entropy)")
         ax.plot(ts, dS, color="tab:orange", lw=1.0, label="dS")
+        F = [res.failure.get(r.index, {}).get(label, np.nan) for r in res.records if label in r.objects]
+        if not np.all(np.isnan(F)):
+            ax.plot(ts, F, color="tab:purple", lw=1.0, label="F (failure score)")
         for r in res.records:
             o = r.objects.get(label)
             if o is None:
