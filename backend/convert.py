@@ -24,6 +24,7 @@ class TaskError(LazyXMemError):
     """A task or region the backend cannot use; the message says what is wrong."""
 
 
+REVIEW_MARKER = (0.0, 0.0, 3.0, 3.0)  # x, y, width, height (%) of an image item's "Needs review" region
 _OWN_ID = re.compile(r"^lazyxmem-(\d+)(?:-\d+)?$")
 
 
@@ -354,7 +355,11 @@ def image_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequen
     if cfg.review_box is not None:
         for t in review:
             h, w = masks[t].shape
-            box = mask_box(masks[t] > 0) or (0.0, 0.0, 100.0, 100.0)
+            # A marker in the frame's corner, not a box around the objects: in Label Studio 1.23.2
+            # a region takes the clicks made inside it (it gets selected), so a box over the
+            # object would swallow the very clicks that correct it. Listed in the Regions panel,
+            # a click on it still jumps to the frame.
+            box = REVIEW_MARKER
             out.append({"id": f"lazyxmem-review-{t}", "from_name": cfg.review_box.name, "to_name": cfg.object_tag,
                         "type": "rectanglelabels", "item_index": t, "original_width": w, "original_height": h,
                         "image_rotation": 0,
