@@ -19,19 +19,25 @@ Redis also worker processes):
   thread at a time (striped build locks), so two requests for a new task never build it twice.
 - **Workers.** With Redis, the worker that ran a task's latest job stores its view and
   prediction (:class:`ViewStore`); the web process adopts a stored view when it is newer than
-  its own, so previews refine against the workers' latest masks.
+  its own, so previews refine against the workers' latest masks. Without Redis the jobs store
+  them on disk (:class:`DiskViewStore`), so they survive a restart of the backend.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from lazyxmem_core.lazy import LazySession
 from lazyxmem_core.media import FrameSequence
@@ -147,6 +153,16 @@ class TaskStore:
         return len(self._states)
 
 
+class StoredView(NamedTuple):
+    """A task's stored masks: the job's submission time, the view, its correction round, the
+    prediction posted from it."""
+
+    stamp: float
+    view: SessionView
+    revision: int
+    prediction: dict
+
+
 class ViewStore:
     """The latest view and prediction of each task, in Redis, written by whichever worker ran its
     latest job. Entries are keyed by task, model version and initial regions (a changed task is
@@ -202,3 +218,186 @@ class ViewStore:
     def prediction(self, task: dict, model_version: str) -> dict | None:
         raw = self.redis.hget(self.key(task, model_version), "prediction")
         return json.loads(raw) if raw else None
+
+    def revision(self, task: dict, model_version: str) -> int:
+        """The correction round of the stored masks (0: none stored, or none corrected)."""
+        return int(self.redis.hget(self.key(task, model_version), "revision") or 0)
+
+    def latest(self, task_id: int, model_version: str | None) -> StoredView | None:
+        """The newest entry of a task, whatever its initial regions (the task itself unknown), made
+        by ``model_version`` (None: by any)."""
+        best: tuple[float, bytes] | None = None
+        pattern = f"lazyxmem:view:{int(task_id)}:*:{model_version or '*'}"
+        for key in self.redis.scan_iter(match=pattern, count=100):
+            stamp = self.redis.hget(key, "stamp")
+            if stamp is not None and (best is None or float(stamp) > best[0]):
+                best = (float(stamp), key)
+        if best is None:
+            return None
+        blob, revision, prediction = self.redis.hmget(best[1], ["view", "revision", "prediction"])
+        if blob is None:
+            return None
+        return StoredView(best[0], SessionView.from_bytes(blob), int(revision or 0),
+                          json.loads(prediction) if prediction else {})
+
+
+# What a disk store keeps, at most: past it the least recently written entries are deleted. A
+# view is its zlib-packed masks: 0.44-0.66 MB per 100 frames of 854x480 with one object (six
+# DAVIS-2016 sequences' masks), so 2 GB holds some 4000 such tasks; the media cache is 20 GB.
+DISK_VIEWS_MAX_BYTES = 2 * 2**30
+
+
+class DiskViewStore:
+    """:class:`ViewStore`'s entries on disk, for a backend without Redis: the masks of its jobs
+    outlive a restart (a reopened task gets its corrected prediction, ``/tasks/<id>/masks`` answers,
+    the "-rN" round continues), and ``lazyxmem ls export`` reads them.
+
+    One file per entry, ``<dir>/task-<id>/<start digest>-<model hash>.view``: a JSON line (stamp,
+    revision, model version, the prediction's length), the prediction, then the view's bytes. Files
+    are written to a temp file and renamed over (a reader sees the old entry or the new one, never
+    half of one); writers (the web process's job threads, a CLI) take a file lock, so "newer stamp
+    wins" holds across processes. Private: the directory is 0700, the files 0600.
+    """
+
+    def __init__(self, directory: str | os.PathLike, max_bytes: int = DISK_VIEWS_MAX_BYTES) -> None:
+        self.dir = Path(directory)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+
+    def _path(self, task: dict, model_version: str) -> Path:
+        model = hashlib.sha256(model_version.encode()).hexdigest()[:12]  # a version may hold any character
+        return self.dir / f"task-{int(task.get('id') or 0)}" / f"{start_digest(task)}-{model}.view"
+
+    @staticmethod
+    def _meta(path: Path) -> dict | None:
+        try:
+            with open(path, "rb") as f:
+                meta = json.loads(f.readline(4096))
+            return meta if isinstance(meta, dict) and "stamp" in meta else None
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:  # another program's file, or a damaged one: not ours to serve
+            log.warning("view store: %s unreadable (%s); ignored", path, type(exc).__name__)
+            return None
+
+    @staticmethod
+    def _read(path: Path) -> StoredView | None:
+        try:
+            with open(path, "rb") as f:
+                meta = json.loads(f.readline(4096))
+                prediction = json.loads(f.read(int(meta["prediction_bytes"])))
+                view = SessionView.from_bytes(f.read())
+            return StoredView(float(meta["stamp"]), view, int(meta["revision"]), prediction)
+        except FileNotFoundError:  # evicted or replaced between the listing and the read
+            return None
+        except Exception as exc:  # noqa: BLE001 - a damaged entry is a missing one, said in the log
+            log.warning("view store: %s unreadable (%s); ignored", path, type(exc).__name__)
+            return None
+
+    def put(self, task: dict, model_version: str, stamp: float, view: SessionView, revision: int,
+            prediction: dict, only_if_absent: bool = False) -> bool:
+        path = self._path(task, model_version)
+        pred = json.dumps(prediction).encode()
+        meta = {"stamp": float(stamp), "revision": int(revision), "model_version": model_version,
+                "prediction_bytes": len(pred)}
+        blob = view.to_bytes()
+        with self._lock, self._file_lock():
+            old = self._meta(path)
+            if old is not None and (only_if_absent or float(old["stamp"]) >= stamp):
+                return False
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".put-")  # 0600
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(json.dumps(meta).encode() + b"\n" + pred + blob)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            self._drop_older(path, model_version, stamp)
+            self._evict(keep=path)
+        return True
+
+    def has(self, task: dict, model_version: str) -> bool:
+        return self._meta(self._path(task, model_version)) is not None
+
+    def get(self, task: dict, model_version: str, newer_than: float = -1.0) -> tuple[float, SessionView, int] | None:
+        path = self._path(task, model_version)
+        meta = self._meta(path)  # one line: the common "nothing newer" answer reads no masks
+        if meta is None or float(meta["stamp"]) <= newer_than:
+            return None
+        got = self._read(path)
+        return None if got is None or got.stamp <= newer_than else (got.stamp, got.view, got.revision)
+
+    def prediction(self, task: dict, model_version: str) -> dict | None:
+        got = self._read(self._path(task, model_version))
+        return None if got is None else got.prediction
+
+    def revision(self, task: dict, model_version: str) -> int:
+        meta = self._meta(self._path(task, model_version))
+        return 0 if meta is None else int(meta["revision"])
+
+    def latest(self, task_id: int, model_version: str | None) -> StoredView | None:
+        """The newest entry of a task, whatever its initial regions (the task itself unknown), made
+        by ``model_version`` (None: by any)."""
+        best: tuple[float, Path] | None = None
+        for path in self._entries(self.dir / f"task-{int(task_id)}"):
+            meta = self._meta(path)
+            if meta is not None and model_version in (None, meta.get("model_version")) and (
+                    best is None or float(meta["stamp"]) > best[0]):
+                best = (float(meta["stamp"]), path)
+        return None if best is None else self._read(best[1])
+
+    # -- housekeeping (under the locks) ----------------------------------------------------------
+    @contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """An exclusive lock on ``<dir>/.lock``: writers in other processes wait."""
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)  # a directory made earlier by hand may be wider
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    @staticmethod
+    def _entries(directory: Path) -> list[Path]:
+        try:
+            return [Path(e.path) for e in os.scandir(directory) if e.name.endswith(".view") and e.is_file()]
+        except FileNotFoundError:
+            return []
+
+    def _drop_older(self, path: Path, model_version: str, stamp: float) -> None:
+        """The task's entries for older initial regions: the task was edited since; the latest
+        entry is what its masks are now (and the only one ``latest`` should find)."""
+        for other in self._entries(path.parent):
+            meta = self._meta(other)
+            if other != path and meta is not None and meta.get("model_version") == model_version \
+                    and float(meta["stamp"]) < stamp:
+                other.unlink(missing_ok=True)
+
+    def _evict(self, keep: Path) -> None:
+        """Delete the least recently written entries while the store is over ``max_bytes``."""
+        files = []
+        for task_dir in self.dir.glob("task-*"):
+            for path in self._entries(task_dir):
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                files.append((st.st_mtime, st.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self.max_bytes:
+                break
+            if path == keep:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
+            log.info("view store: %s evicted (least recently written; the store holds at most %d MB)",
+                     path.relative_to(self.dir), self.max_bytes // 2**20)
+            try:
+                path.parent.rmdir()  # its task's last entry
+            except OSError:
+                pass

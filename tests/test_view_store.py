@@ -1,0 +1,120 @@
+"""The disk view store (backend.task_store.DiskViewStore): a backend without Redis keeps its jobs'
+masks across a restart, with ViewStore's rules (newer stamp wins, only_if_absent), private files
+written whole, and a bound on its size."""
+from __future__ import annotations
+
+import os
+import stat
+import threading
+
+import numpy as np
+
+from backend.task_store import DiskViewStore
+from lazyxmem_core.session_view import SessionView
+from lazyxmem_core.types import PackedMask
+
+MODEL = "lazyxmem-test-embedded"
+
+
+def view(offset: int, n: int = 5, shape: tuple[int, int] = (4, 6)) -> SessionView:
+    rng = np.random.default_rng(offset)
+    masks = tuple(PackedMask.pack(rng.integers(0, 3, shape).astype(np.uint8)) for _ in range(n))
+    anchor = PackedMask.pack(np.ones(shape, bool))
+    return SessionView("task-1-x", n, shape, (1, 2), masks, {(2, 1): anchor}, {1: ((0, anchor),)}, (3,), (1,), 0.25)
+
+
+def task(task_id: int = 1, start: float = 10.0) -> dict:
+    region = {"id": "r1", "type": "videorectangle", "from_name": "box", "to_name": "video",
+              "value": {"sequence": [{"frame": 1, "x": start, "y": 10.0, "width": 20.0, "height": 20.0}],
+                        "labels": ["Object"]}}
+    return {"id": task_id, "data": {"video": "/data/upload/1/v.avi"}, "annotations": [{"id": 7, "result": [region]}]}
+
+
+def same(a: SessionView, b: SessionView) -> bool:
+    return a.labels == b.labels and all((x == y).all() for x, y in zip(a.frame_masks(), b.frame_masks()))
+
+
+def test_an_entry_survives_a_new_store_on_the_same_folder(tmp_path):
+    t, v = task(), view(1)
+    pred = {"result": [{"id": "lazyxmem-1"}], "model_version": MODEL + "-r2"}
+    assert DiskViewStore(tmp_path / "views").put(t, MODEL, 5.0, v, 2, pred)
+    again = DiskViewStore(tmp_path / "views")  # a restarted process
+    assert again.has(t, MODEL) and not again.has(t, "another-model") and not again.has(task(2), MODEL)
+    stamp, got, revision = again.get(t, MODEL)
+    assert stamp == 5.0 and revision == 2 and same(got, v) and got.review == (3,) and got.anchors.keys() == {1}
+    assert again.prediction(t, MODEL) == pred and again.revision(t, MODEL) == 2
+    assert again.get(t, MODEL, newer_than=5.0) is None  # nothing newer than what the caller has
+    latest = again.latest(1, MODEL)
+    assert latest.stamp == 5.0 and latest.prediction == pred and same(latest.view, v)
+    assert again.latest(1, "another-model") is None and again.latest(1, None) is not None and again.latest(9, None) is None
+    assert again.revision(task(2), MODEL) == 0 and again.prediction(task(2), MODEL) is None
+
+
+def test_newer_stamp_wins_and_only_if_absent_never_overwrites(tmp_path):
+    store, t = DiskViewStore(tmp_path / "views"), task()
+    assert store.put(t, MODEL, 10.0, view(1), 1, {"v": 1})
+    assert not store.put(t, MODEL, 9.0, view(2), 0, {"v": 2})  # a job queued earlier finished later
+    assert not store.put(t, MODEL, 10.0, view(2), 0, {"v": 2})
+    assert not store.put(t, MODEL, 99.0, view(3), 0, {"v": 3}, only_if_absent=True)  # a plain propagation
+    assert store.prediction(t, MODEL) == {"v": 1} and same(store.get(t, MODEL)[1], view(1))
+    assert store.put(t, MODEL, 11.0, view(4), 2, {"v": 4})
+    assert store.prediction(t, MODEL) == {"v": 4} and store.revision(t, MODEL) == 2
+
+
+def test_racing_writers_leave_the_newest_entry(tmp_path):
+    store, t = DiskViewStore(tmp_path / "views"), task()
+    views = {s: view(s) for s in range(12)}
+    threads = [threading.Thread(target=store.put, args=(t, MODEL, float(s), views[s], s, {"s": s})) for s in range(12)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    stamp, got, revision = store.get(t, MODEL)
+    assert stamp == 11.0 and revision == 11 and same(got, views[11]) and store.prediction(t, MODEL) == {"s": 11}
+    assert not [p for p in (tmp_path / "views").rglob(".put-*")], "no temp file left behind"
+
+
+def test_files_are_private_and_written_whole(tmp_path):
+    store, t = DiskViewStore(tmp_path / "views"), task()
+    store.put(t, MODEL, 1.0, view(1), 0, {})
+    entries = list((tmp_path / "views").rglob("*.view"))
+    assert len(entries) == 1 and entries[0].parent.name == "task-1"
+    assert stat.S_IMODE(os.stat(tmp_path / "views").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(entries[0].parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(entries[0]).st_mode) == 0o600
+
+
+def test_a_damaged_entry_is_a_missing_one(tmp_path, caplog):
+    store, t = DiskViewStore(tmp_path / "views"), task()
+    store.put(t, MODEL, 1.0, view(1), 0, {})
+    path = next((tmp_path / "views").rglob("*.view"))
+    path.write_bytes(path.read_bytes()[:200])  # cut short (by hand: the store never writes half a file)
+    assert store.get(t, MODEL) is None and store.latest(1, MODEL) is None
+    assert "unreadable" in caplog.text
+    path.write_bytes(b"not json\n")
+    assert not store.has(t, MODEL) and store.put(t, MODEL, 2.0, view(2), 0, {})  # replaced by the next job
+    assert same(store.get(t, MODEL)[1], view(2))
+
+
+def test_an_edited_task_keeps_only_its_latest_entry(tmp_path):
+    """New initial regions are a new entry; the older one goes, so ``latest`` finds the masks of
+    the task as it is now."""
+    store = DiskViewStore(tmp_path / "views")
+    store.put(task(start=10.0), MODEL, 1.0, view(1), 0, {"old": True})
+    store.put(task(start=30.0), MODEL, 2.0, view(2), 0, {"old": False})
+    assert not store.has(task(start=10.0), MODEL) and store.has(task(start=30.0), MODEL)
+    assert store.latest(1, MODEL).prediction == {"old": False}
+
+
+def test_the_store_is_bounded_least_recently_written_go_first(tmp_path):
+    big = view(0, n=20, shape=(64, 64))
+    size = len(big.to_bytes())
+    store = DiskViewStore(tmp_path / "views", max_bytes=int(3.5 * size))
+    for i in range(1, 7):
+        assert store.put(task(i), MODEL, float(i), view(i, n=20, shape=(64, 64)), 0, {})
+        os.utime(next((tmp_path / "views" / f"task-{i}").glob("*.view")), (i, i))  # written in this order
+    kept = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "views").glob("task-*"))
+    assert kept == [4, 5, 6], kept  # the three most recently written fit; the empty task folders went too
+    total = sum(p.stat().st_size for p in (tmp_path / "views").rglob("*.view"))
+    assert total <= 3.5 * size
+    assert same(store.get(task(6), MODEL)[1], view(6, n=20, shape=(64, 64)))
