@@ -256,18 +256,25 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
 
     @app.get("/tasks/<int:task_id>/masks")
     def masks(task_id: int) -> Any:
-        state = model.tasks.held(task_id)
-        if state is None:
-            return jsonify(error=f"task {task_id} has no session here: run a prediction first"), 404
-        model.adopt_stored(state)
-        view = state.view  # one consistent snapshot, whatever a job is rewriting meanwhile
         fmt = request.args.get("format", "coco")
+        if fmt not in ("png", "coco"):
+            return jsonify(error="format must be png or coco"), 400
+        state = model.tasks.held(task_id)
+        if state is not None:
+            model.adopt_stored(state)
+            view, objects = state.view, state.objects  # one consistent snapshot, whatever a job rewrites
+        else:
+            # Not held here (a restart, an eviction, a worker's task): the latest masks a job stored
+            # for the task id, so no Label Studio read is needed to name the entry.
+            stored = model.views.latest(task_id, model.model_version)
+            if stored is None:
+                return jsonify(error=f"task {task_id} has no masks yet: run a prediction first (open the task in "
+                                     f"Label Studio, or `lazyxmem ls preannotate --project <id>`)"), 404
+            view, objects = stored.view, export.objects_of(stored.prediction, stored.view)
         if fmt == "png":
             return send_file(export.png_zip(view), mimetype="application/zip", as_attachment=True,
                              download_name=f"task-{task_id}-masks.zip")
-        if fmt == "coco":
-            return jsonify(export.coco_rle(view, state.objects))
-        return jsonify(error="format must be png or coco"), 400
+        return jsonify(export.coco_rle(view, objects))
 
     @app.get("/metrics")
     def metrics() -> Any:

@@ -46,7 +46,7 @@ from .labelconfig import LabelConfig, parse_label_config
 from .ls_io import LabelStudioIO, PostLedger, upstream_status
 from .notices import IMPORT, ConnectedProjects, Notice, Notifier, NotYet, notices_from
 from .settings import BackendSettings
-from .task_store import TaskState, TaskStore, ViewStore, video_key
+from .task_store import DiskViewStore, TaskState, TaskStore, ViewStore, video_key
 
 log = logging.getLogger(__name__)
 MAX_OBJECTS = 255  # index masks are 8-bit
@@ -69,7 +69,7 @@ class Service:
                                journal_dir=str(Path(settings.cache_dir) / "jobs"),
                                max_queued_per_project=settings.max_queued_per_project)
         self.redis = getattr(self.jobs, "redis", None)
-        self.views = ViewStore(self.redis) if self.redis is not None else None
+        self.views = ViewStore(self.redis) if self.redis is not None else DiskViewStore(Path(settings.cache_dir) / "views")
         self.ledger = PostLedger(self.redis)
         self.settings = settings
         self._refiner: Refiner | None = None
@@ -303,7 +303,10 @@ class Service:
             except Exception:
                 self.tasks.drop(task_id, state)
                 raise
-            return self.prediction(state)
+            pred = self.prediction(state)
+            # Stored like a job's (a restart, /tasks/<id>/masks and `ls export` find it); stamp 0: a job's are newer.
+            self.views.put(task, self.model_version, 0.0, state.view, state.revision, pred, only_if_absent=True)
+            return pred
         finally:
             self._sync_slot.release()
 
@@ -404,7 +407,7 @@ class Service:
         first = min(t for t, _ in corrections)
         with state.meta_lock:  # submitted inside: rounds reach the queue in their order
             state.corrections.update(corrections)
-            state.rounds += 1
+            state.rounds = max(state.rounds, self.views.revision(state.task, self.model_version)) + 1
             job_id = self.submit("correct", state.task, state.cfg.xml, len(state.frames) - first,
                                  corrections=dict(state.corrections), revision=state.rounds)
         log.info("task %s: correction on frame(s) %s, re-propagating from %d (job %s)", state.task_id,
@@ -427,7 +430,7 @@ class Service:
             except ValueError as exc:
                 raise TaskError(f"task {state.task_id}: {exc}") from None
             state.applied.update(new)
-            state.publish(revision=revision or state.revision + 1)
+            state.publish(revision=revision or max(state.revision, self.views.revision(state.task, self.model_version)) + 1)
 
     # -- webhooks: notices read back from Label Studio --------------------------------------------
     def webhook(self, body: dict) -> tuple[dict, int]:

@@ -58,6 +58,13 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
                          if p["path"].startswith("/api/predictions") and (task is None or str(p["json"].get("task")) == task)]
             self._json(200, preds)
             return
+        if url.path.rstrip("/") == "/api/tasks":  # the SDK's tasks.list(project=...): pages until one is empty
+            query = parse_qs(url.query)
+            project, page = query.get("project", [""])[0], int(query.get("page", ["1"])[0])
+            with self.lock:
+                tasks = [t for t in self.records["tasks"].values() if str(t.get("project")) == project]
+            self._json(200, {"tasks": tasks if page == 1 else [], "total": len(tasks)})
+            return
         body = self.files.get(self.path)
         self.send_response(200 if body is not None else 404)
         self.send_header("Content-Length", str(len(body or b"")))
