@@ -301,21 +301,29 @@ class DiskViewStore:
         meta = {"stamp": float(stamp), "revision": int(revision), "model_version": model_version,
                 "prediction_bytes": len(pred)}
         blob = view.to_bytes()
-        with self._lock, self._file_lock():
-            old = self._meta(path)
-            if old is not None and (only_if_absent or float(old["stamp"]) >= stamp):
-                return False
-            path.parent.mkdir(mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".put-")  # 0600
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(json.dumps(meta).encode() + b"\n" + pred + blob)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            self._drop_older(path, model_version, stamp)
-            self._evict(keep=path)
+        try:
+            with self._lock, self._file_lock():
+                old = self._meta(path)
+                if old is not None and (only_if_absent or float(old["stamp"]) >= stamp):
+                    return False
+                path.parent.mkdir(mode=0o700, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".put-")  # 0600
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(json.dumps(meta).encode() + b"\n" + pred + blob)
+                    os.replace(tmp, path)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+                self._drop_older(path, model_version, stamp)
+                self._evict(keep=path)
+        except OSError as exc:
+            # A full or read-only disk must not cost the user the prediction just made: it is
+            # answered and posted, only not kept past a restart.
+            log.warning("view store: task %s's masks not kept (%s: %s); they will not survive a restart: free space "
+                        "in CACHE_DIR or make %s writable", task.get("id"), type(exc).__name__, exc.strerror or exc,
+                        self.dir)
+            return False
         return True
 
     def has(self, task: dict, model_version: str) -> bool:

@@ -118,3 +118,19 @@ def test_the_store_is_bounded_least_recently_written_go_first(tmp_path):
     total = sum(p.stat().st_size for p in (tmp_path / "views").rglob("*.view"))
     assert total <= 3.5 * size
     assert same(store.get(task(6), MODEL)[1], view(6, n=20, shape=(64, 64)))
+
+
+def test_a_full_disk_loses_the_entry_not_the_prediction(tmp_path, monkeypatch, caplog):
+    import errno
+    import tempfile
+
+    store, t = DiskViewStore(tmp_path / "views"), task()
+    store.put(t, MODEL, 1.0, view(1), 0, {"v": 1})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    assert store.put(t, MODEL, 2.0, view(2), 1, {"v": 2}) is False  # no exception for the caller
+    assert "not kept" in caplog.text and "No space left on device" in caplog.text and "CACHE_DIR" in caplog.text
+    assert store.prediction(t, MODEL) == {"v": 1}  # the older entry is intact
