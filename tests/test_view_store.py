@@ -8,10 +8,12 @@ import stat
 import threading
 
 import numpy as np
+import pytest
 
 from backend.task_store import DiskViewStore
 from lazyxmem_core.session_view import SessionView
 from lazyxmem_core.types import PackedMask
+from test_queue import redis_url  # noqa: F401 - a real redis-server, for ViewStore
 
 MODEL = "lazyxmem-test-embedded"
 
@@ -134,3 +136,45 @@ def test_a_full_disk_loses_the_entry_not_the_prediction(tmp_path, monkeypatch, c
     assert store.put(t, MODEL, 2.0, view(2), 1, {"v": 2}) is False  # no exception for the caller
     assert "not kept" in caplog.text and "No space left on device" in caplog.text and "CACHE_DIR" in caplog.text
     assert store.prediction(t, MODEL) == {"v": 1}  # the older entry is intact
+
+
+def _put_in_process(directory: str, stamp: float) -> bool:
+    return DiskViewStore(directory).put(task(), MODEL, stamp, view(int(stamp)), int(stamp), {"s": stamp})
+
+
+def test_writers_in_other_processes_keep_newer_stamp_wins(tmp_path):
+    """The web process and a CLI (``ls export --recompute``) may write at once: a file lock orders them."""
+    import multiprocessing
+
+    stamps = [float(s) for s in range(1, 9)]
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        pool.starmap(_put_in_process, [(str(tmp_path / "views"), s) for s in reversed(stamps)])
+    stamp, got, revision = DiskViewStore(tmp_path / "views").get(task(), MODEL)
+    assert stamp == 8.0 and revision == 8 and same(got, view(8))
+
+
+@pytest.fixture(params=["disk", "redis"])
+def any_store(request, tmp_path):
+    if request.param == "disk":
+        return DiskViewStore(tmp_path / "views")
+    from redis import Redis
+
+    from backend.task_store import ViewStore
+
+    redis = Redis.from_url(request.getfixturevalue("redis_url"))
+    redis.flushdb()
+    return ViewStore(redis)
+
+
+def test_both_stores_answer_alike(any_store):
+    """What the service and the masks route call, on Redis and on disk."""
+    store = any_store
+    assert store.latest(1, MODEL) is None and store.revision(task(), MODEL) == 0 and not store.has(task(), MODEL)
+    assert store.put(task(), MODEL, 3.0, view(1), 2, {"v": 1})
+    assert not store.put(task(), MODEL, 2.0, view(2), 5, {"v": 2})
+    assert store.put(task(2), MODEL, 9.0, view(3), 0, {"v": 3})
+    assert store.revision(task(), MODEL) == 2 and store.prediction(task(), MODEL) == {"v": 1}
+    latest = store.latest(1, MODEL)
+    assert latest.stamp == 3.0 and latest.revision == 2 and latest.prediction == {"v": 1} and same(latest.view, view(1))
+    assert store.latest(1, "another-model") is None and store.latest(1, None).stamp == 3.0
+    assert store.latest(2, None).prediction == {"v": 3}
