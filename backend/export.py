@@ -25,7 +25,8 @@ def png_bytes(mask: np.ndarray) -> bytes:
     img = Image.fromarray(mask.astype(np.uint8), mode="P")
     img.putpalette(davis_palette().ravel().tolist())
     png = io.BytesIO()
-    img.save(png, format="PNG")
+    # Level 3: 2.8 ms and 5.5 KB per 854x480 DAVIS mask, against 7.3 ms and 3.4 KB at PIL's 6.
+    img.save(png, format="PNG", compress_level=3)
     return png.getvalue()
 
 
