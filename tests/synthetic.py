@@ -128,3 +128,35 @@ def write_h264(path: str, frames: list[np.ndarray], fps: float = 25.0) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"ffmpeg failed ({done.returncode}): {done.stderr.decode(errors='replace')[-500:]}")
     return str(path)
+
+
+def make_jump_video(n_frames: int, size: tuple[int, int] = (240, 320), radius: int = 26,
+                    jump_at: int | None = None, margin: int = 6, seed: int = 5) -> Video:
+    """A blue textured disc crossing a green textured background from left to right, that jumps
+    from the upper third to the lower third of the frame at ``jump_at`` (never: ``None``).
+
+    The jump is what an annotator's correction is for: a tracker that follows local motion
+    loses the disc there, and a box or a mask given after the jump must bring it back. Masks are
+    index masks (1 = the disc). ``size`` = (H, W); ``margin``: pixels between the disc and the
+    left and right edges at its first and last frame (an editor may crop the edges a little).
+    """
+    if n_frames < 2:
+        raise ValueError(f"n_frames must be at least 2 for a moving disc, got {n_frames}")
+    h, w = size
+    if not (4 <= radius <= 0.28 * h and 2 * (radius + margin) < w and margin >= 0):
+        # both rows (0.35 h, 0.72 h) must hold the disc, and it must have room to move
+        raise ValueError(f"radius {radius} with margin {margin} does not fit a {w}x{h} frame: use a radius "
+                         f"of 4..{int(0.28 * h)} and radius + margin below {w // 2}")
+    bg = texture(h, w, (70, 110, 60), seed)
+    skin = texture(h, w, (200, 60, 50), seed + 10, scale=4)
+    frames, masks = [], []
+    for t in range(n_frames):
+        cx = int(radius + margin + (w - 2 * (radius + margin)) * t / (n_frames - 1))
+        cy = int(h * 0.35) if jump_at is None or t < jump_at else int(h * 0.72)
+        mask = np.zeros((h, w), np.uint8)
+        cv2.circle(mask, (cx, cy), radius, 1, -1)
+        img = bg.copy()
+        img[mask > 0] = skin[mask > 0]
+        frames.append(img)
+        masks.append(mask)
+    return Video(frames, masks)

@@ -458,3 +458,127 @@ def open_task(page: Any, ls: LabelStudio, project_id: int, task_id: int) -> None
     """Open a task in the labeling editor and wait until it is drawn."""
     page.goto(f"{ls.url}/projects/{project_id}/data?task={task_id}")
     page.wait_for_selector(".lsf-main-view")
+
+
+# --- Mouse journeys in the editor (issue 16): what a first-time user does, with the mouse --------
+
+def wait_video_editor(page: Any, label: str = "Object", timeout_ms: int = 30_000) -> None:
+    """Wait until the video editor has decoded its video and drawn the label buttons.
+
+    The editor mounts its canvas twice while the metadata arrives; a drag aimed before that
+    lands on a canvas that is gone, so the canvas's place must hold still for a moment too.
+    """
+    page.wait_for_selector(".lsf-main-view .lsf-video-canvas canvas", timeout=timeout_ms)
+    page.wait_for_function("() => [...document.querySelectorAll('video')].some("
+                           "e => e.readyState >= 2 && e.duration > 0)", timeout=timeout_ms)
+    page.wait_for_selector(f".lsf-label:has-text('{label}')", timeout=timeout_ms)
+    wait_still(page, ".lsf-main-view .lsf-video-canvas")
+
+
+def wait_still(page: Any, selector: str, timeout: float = 15.0) -> list[float]:
+    """Wait until ``selector``'s on-screen rectangle is the same in two reads 0.4 s apart."""
+    js = ("s => { const e = document.querySelector(s); if (!e) return null;"
+          " const r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }")
+    deadline, prev = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        cur = page.evaluate(js, selector)
+        if cur is not None and cur == prev and cur[2] > 0:
+            return cur
+        prev = cur
+        time.sleep(0.4)
+    raise AssertionError(f"{selector} did not settle on the page within {timeout} s (last: {prev})")
+
+
+def shown_media(page: Any, selector: str, size: tuple[int, int], fills: bool = False,
+                timeout: float = 15.0) -> tuple[Any, tuple[float, float, float]]:
+    """What the editor shows inside ``selector`` (a canvas holding the video or image) as a BGR
+    screenshot of the media alone, and where it is on the page: (left, top, scale) with
+    scale = shown pixels per media pixel.
+
+    Found from the pixels (everything unlike the empty canvas's corner), not from the editor's
+    internals, which differ between its video and image views; ``size`` = media (width, height).
+    ``fills``: the element is the media's own size (the image view's Konva stage). Waits up to
+    ``timeout`` s for the media to be drawn whole (a spinner or a blank canvas comes first).
+    """
+    import cv2
+    import numpy as np
+
+    deadline, seen = time.monotonic() + timeout, "nothing"
+    while True:
+        box = page.query_selector(selector).bounding_box()
+        img = cv2.imdecode(np.frombuffer(page.screenshot(clip=box), np.uint8), cv2.IMREAD_COLOR)
+        if fills:
+            x, y, h, w = 0, 0, *img.shape[:2]
+        else:
+            diff = np.abs(img.astype(int) - img[2, 2].astype(int)).sum(axis=2) > 40
+            x, y, w, h = cv2.boundingRect(diff.astype(np.uint8))
+        scale = w / size[0]
+        # the media's aspect must come out, else it is not drawn yet (or drawn cut)
+        if w >= 10 and abs(h / size[1] - scale) <= 0.05 * scale:
+            return img[y:y + h, x:x + w], (box["x"] + x, box["y"] + y, scale)
+        seen = f"a {w}x{h} area"
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{selector} shows {seen} for a {size[0]}x{size[1]} media after {timeout} s")
+        time.sleep(0.3)
+
+
+def mouse_drag(page: Any, start: tuple[float, float], end: tuple[float, float], steps: int = 12) -> None:
+    """Press at ``start``, move in small steps (the editor reads each move), release at ``end``."""
+    page.mouse.move(*start)
+    page.mouse.down()
+    for i in range(1, steps + 1):
+        page.mouse.move(start[0] + (end[0] - start[0]) * i / steps, start[1] + (end[1] - start[1]) * i / steps)
+    page.mouse.up()
+
+
+def to_page(where: tuple[float, float, float], x: float, y: float) -> tuple[float, float]:
+    """Media pixel (x, y) -> page coordinates, for ``where`` from :func:`shown_media`."""
+    return where[0] + x * where[2], where[1] + y * where[2]
+
+
+def seek_frame(page: Any, frame: int) -> float:
+    """Go to Label Studio frame ``frame`` (1-based) the way a user types it into the frame
+    counter under the video; returns the player's time there (seconds)."""
+    page.click(".lsf-frames-control")
+    page.fill(".lsf-frames-control input", str(frame))
+    page.keyboard.press("Enter")
+    page.wait_for_function("n => ((document.querySelector('.lsf-frames-control') || {}).innerText || '')"
+                           ".trim().split(/\\s+/)[0] === String(n)", arg=frame, timeout=10_000)
+    # The canvas redraws once the browser has decoded the frame at the new time.
+    page.wait_for_function("() => [...document.querySelectorAll('video')].some(v => v.readyState >= 2 && !v.seeking)")
+    time.sleep(0.5)
+    return page.evaluate("() => Math.max(...[...document.querySelectorAll('video')].map(v => v.currentTime))")
+
+
+def editor_results(page: Any) -> list[dict]:
+    """The regions of the annotation open in the editor, as Label Studio will save them."""
+    return page.evaluate("() => window.Htx.annotationStore.selected.serializeAnnotation()")
+
+
+def save_annotation(page: Any, button: str, timeout_ms: int = 30_000) -> dict:
+    """Click the editor's ``button`` (Submit, Update) and wait until Label Studio has saved the
+    annotation (its POST or PATCH answered); returns the saved annotation as Label Studio answered."""
+    def saving(r: Any) -> bool:
+        return "/annotations" in r.url and r.request.method in ("POST", "PATCH")
+
+    with page.expect_response(saving, timeout=timeout_ms) as answer:
+        page.click(f"button:has-text('{button}')")
+    r = answer.value
+    if not r.ok:
+        raise AssertionError(f"{button}: Label Studio answered {r.status} to {r.request.method} {r.url}: {r.text()[:300]}")
+    return r.json()
+
+
+def wait_backend_idle(backend: Backend, timeout: float = 180.0) -> dict:
+    """Wait until the backend has no queued or running job and no webhook notice pending, in two
+    reads of ``/health`` 0.5 s apart (a job may post and another start between two reads)."""
+    deadline, calm, last = time.monotonic() + timeout, 0, {}
+    while time.monotonic() < deadline:
+        last = requests.get(backend.url + "/health", auth=backend.auth, timeout=5).json()
+        jobs = last.get("jobs") or {}
+        busy = (jobs.get("queued") or 0) + (jobs.get("running") or 0) + (last.get("notices_pending") or 0)
+        calm = calm + 1 if busy == 0 else 0
+        if calm >= 2:
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"the backend is still busy after {timeout:.0f} s: {last}")
