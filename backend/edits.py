@@ -23,19 +23,81 @@ Corrections = dict[tuple[int, int], Correction]  # (0-based frame, object value)
 
 
 def initial_regions(task: dict) -> list[dict]:
-    """The regions of the task's latest annotation (or draft): where its objects are defined."""
+    """The regions of the task's latest annotation (or draft) of the user's own: where its objects
+    are defined. An annotation made from a prediction (``parent_prediction``) is the model's work
+    edited, not where the objects start; it counts only when there is no other."""
     anns = [a for a in (task.get("annotations") or []) if isinstance(a, dict) and not a.get("was_cancelled")]
     anns += [d for d in task.get("drafts") or [] if isinstance(d, dict)]
+    anns = [a for a in anns if not a.get("parent_prediction")] or anns
     if not anns:
         return []
     latest = max(anns, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
     return latest.get("result") or []
 
 
+def start_regions(results: list[dict]) -> list[dict]:
+    """Where each object starts: a video region's first enabled keyframe, an image region as it
+    is. Keyframes added later (corrections on the user's own annotation) do not move the start."""
+    out = []
+    for r in results:
+        seq = (r.get("value") or {}).get("sequence") if isinstance(r, dict) and r.get("type") == "videorectangle" else None
+        if isinstance(seq, list):
+            first = min((k for k in seq if isinstance(k, dict) and k.get("enabled", True)),
+                        key=lambda k: k.get("frame") or 0, default=None)
+            r = {**r, "value": {**r["value"], "sequence": [first] if first else []}}
+        out.append(r)
+    return out
+
+
 def start_digest(task: dict) -> str:
-    """What a session is built from: the task's media and its initial regions."""
-    what = {"data": task.get("data") or {}, "regions": initial_regions(task)}
+    """What a session is built from: the task's media and where its objects start."""
+    what = {"data": task.get("data") or {}, "regions": start_regions(initial_regions(task))}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def moved_start(start: list[dict], results: list[dict]) -> bool:
+    """Whether ``results`` move where one of the ``start`` regions starts (the same region id,
+    another first keyframe or first item)."""
+    before = {str(r.get("id")): r for r in start_regions(start) if isinstance(r, dict)}
+    for r in start_regions(results):
+        old = before.get(str(r.get("id"))) if isinstance(r, dict) else None
+        if old is None:
+            continue
+        if r.get("type") == "videorectangle":
+            a, b = (r.get("value") or {}).get("sequence") or [], (old.get("value") or {}).get("sequence") or []
+            if len(a) != len(b) or (a and (a[0].get("frame") != b[0].get("frame") or not _same_keyframe(a[0], b[0]))):
+                return True
+        elif r.get("item_index") == old.get("item_index") and r.get("value") != old.get("value"):
+            return True
+    return False
+
+
+def _same_keyframe(a: dict, b: dict) -> bool:
+    return bool(a.get("enabled", True)) == bool(b.get("enabled", True)) and all(
+        isinstance(a.get(k), (int, float)) and isinstance(b.get(k), (int, float)) and abs(a[k] - b[k]) < 1e-4
+        for k in ("x", "y", "width", "height"))
+
+
+def edited_since(parent: list[dict], results: list[dict]) -> list[dict]:
+    """What the annotator changed in an annotation made from the prediction ``parent``: keyframes
+    and brush masks equal to the prediction's (same region id, same frame or item) are left out,
+    so a copy of an older prediction brings only its edits, never its stale frames."""
+    by_id = {str(r.get("id")): r for r in parent if isinstance(r, dict)}
+    out = []
+    for r in results:
+        before = by_id.get(str(r.get("id"))) if isinstance(r, dict) else None
+        if before is None or before.get("type") != r.get("type"):
+            out.append(r)
+            continue
+        if r.get("type") == "videorectangle":
+            old = {k.get("frame"): k for k in (before.get("value") or {}).get("sequence") or [] if isinstance(k, dict)}
+            seq = [k for k in (r.get("value") or {}).get("sequence") or []
+                   if not (isinstance(k, dict) and k.get("frame") in old and _same_keyframe(k, old[k.get("frame")]))]
+            if seq:
+                out.append({**r, "value": {**r["value"], "sequence": seq}})
+        elif r.get("item_index") != before.get("item_index") or r.get("value") != before.get("value"):
+            out.append(r)
+    return out
 
 
 def initial_prompts(results: list[dict], cfg: LabelConfig, size: tuple[int, int], n_frames: int) -> list[ObjectPrompt]:
@@ -104,11 +166,14 @@ def object_for(objects: Sequence[tuple[int, str]], mask: np.ndarray, label: str 
     return candidates[int(np.argmin(dists))]
 
 
+Drawn = dict[tuple[int, int], tuple[float, ...]]  # (frame, object) -> the percent box a track shows there as drawn
+
+
 def interactive_corrections(cfg: LabelConfig, objects: Sequence[tuple[int, str]], masks: Sequence[np.ndarray],
-                            results: list[dict]) -> Corrections:
+                            results: list[dict], drawn: Drawn | None = None) -> Corrections:
     """An interactive context (keypoints, a box, a brush on one frame) -> corrections."""
     if cfg.mode != "images":
-        return video_box_edits(cfg, objects, masks, results)
+        return video_box_edits(cfg, objects, masks, results, drawn=drawn)
     h, w = masks[0].shape
     out: Corrections = {}
     clicks: dict[tuple[int, int], list[Click]] = {}
@@ -129,8 +194,9 @@ def interactive_corrections(cfg: LabelConfig, objects: Sequence[tuple[int, str]]
 
 
 def video_box_edits(cfg: LabelConfig, objects: Sequence[tuple[int, str]], masks: Sequence[np.ndarray],
-                    results: list[dict], tolerance: float = 1.0) -> Corrections:
-    """Keyframes whose box differs from the predicted track by more than ``tolerance`` percent."""
+                    results: list[dict], tolerance: float = 1.0, drawn: Drawn | None = None) -> Corrections:
+    """Keyframes whose box differs from the predicted track by more than ``tolerance`` percent.
+    ``drawn``: boxes the track shows as drawn (starts, earlier corrections) instead of its mask's."""
     out: Corrections = {}
     n = len(masks)
     for r in results:
@@ -150,7 +216,7 @@ def video_box_edits(cfg: LabelConfig, objects: Sequence[tuple[int, str]], masks:
             own = convert.own_object(rid)
             value = own if own in {v for v, _ in objects} else object_for(
                 objects, mask, text, ((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2))
-            predicted = convert.mask_box(mask == value)
+            predicted = (drawn or {}).get((t, value)) or convert.mask_box(mask == value)
             given = (k["x"], k["y"], k["width"], k["height"])
             if predicted is None or max(abs(float(a) - b) for a, b in zip(given, predicted)) > tolerance:
                 out[(t, value)] = Correction(box=box)
@@ -179,12 +245,12 @@ def image_edits(cfg: LabelConfig, objects: Sequence[tuple[int, str]], masks: Seq
 
 
 def annotation_corrections(cfg: LabelConfig, objects: Sequence[tuple[int, str]], masks: Sequence[np.ndarray],
-                           annotation: dict) -> Corrections:
+                           annotation: dict, drawn: Drawn | None = None) -> Corrections:
     """The frames where a submitted annotation differs from the prediction."""
     results = annotation.get("result") or []
     if cfg.mode == "images":
         return image_edits(cfg, objects, masks, results)
-    return video_box_edits(cfg, objects, masks, results)
+    return video_box_edits(cfg, objects, masks, results, drawn=drawn)
 
 
 def same_correction(a: Correction | None, b: Correction) -> bool:

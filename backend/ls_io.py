@@ -88,6 +88,10 @@ class LabelStudioIO:
         ann = self.client().annotations.get(id=annotation_id)
         return ann.model_dump(mode="json") if hasattr(ann, "model_dump") else dict(ann)
 
+    def prediction(self, prediction_id: int) -> dict:
+        pred = self.client().predictions.get(id=prediction_id)
+        return pred.model_dump(mode="json") if hasattr(pred, "model_dump") else dict(pred)
+
     def label_config(self, project_id: int) -> str:
         return str(self.client().projects.get(id=project_id).label_config or "")
 

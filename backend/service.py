@@ -60,6 +60,27 @@ def is_cuda_oom(exc: BaseException) -> bool:
     return torch is not None and (isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc))
 
 
+def pct(box: Any, shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    """A pixel :class:`Box` as Label Studio's percent (x, y, width, height)."""
+    h, w = shape
+    return 100 * box.x0 / w, 100 * box.y0 / h, 100 * (box.x1 - box.x0) / w, 100 * (box.y1 - box.y0) / h
+
+
+def as_drawn(results: list[dict], corrections: Corrections, shape: tuple[int, int]) -> list[dict]:
+    """Video answers keep the box the user drew on that frame (the mask it gives is what enters
+    the propagation): a box that came back as the mask's bounding box read as not taken."""
+    boxes = {key: c.box for key, c in corrections.items() if c.box is not None and c.mask is None and not c.clicks}
+    for r in results:
+        own = convert.own_object(str(r.get("id", "")))
+        if r.get("type") != "videorectangle" or own is None:
+            continue
+        for k in r["value"]["sequence"]:
+            box = boxes.get((k["frame"] - 1, own))
+            if box is not None:
+                k.update(zip(("x", "y", "width", "height"), pct(box, shape)))
+    return results
+
+
 class Service:
     def __init__(self, settings: BackendSettings | None = None) -> None:
         settings = settings or BackendSettings.from_env()
@@ -221,12 +242,27 @@ class Service:
             view, revision = state.view, state.revision
         masks = view.frame_masks()
         if state.cfg.mode == "video":
-            result = convert.video_results(state.cfg, masks, state.objects, view.review, view.pseudo, state.fps)
+            result = convert.video_results(state.cfg, masks, state.objects, view.review, view.pseudo, state.fps,
+                                           drawn=self.drawn_boxes(state, view.shape, view.n_frames))
         else:
             result = convert.image_results(state.cfg, masks, state.objects, view.review, view.pseudo)
         version = self.model_version + (f"-r{revision}" if revision else "")
         return {"result": result, "score": view.score, "model_version": version,
                 "review_frames": [t + 1 for t in view.review]}
+
+    @staticmethod
+    def drawn_boxes(state: TaskState, shape: tuple[int, int], n: int,
+                    sent: bool = False) -> dict[tuple[int, int], tuple[float, ...]]:
+        """(frame, object) -> the box the user drew there, in percent: each object's starting box
+        and every applied box correction (``sent``: every one sent to a job, applied or not). A
+        track shows these as drawn (a mask's bounding box is not the box a user drew, and a
+        corrected box that came back otherwise read as ignored)."""
+        h, w = shape
+        drawn = convert.drawn_boxes(edits.initial_prompts(initial_regions(state.task), state.cfg, (w, h), n))
+        for (t, value), corr in (state.corrections if sent else state.applied).items():
+            if corr.box is not None and corr.mask is None and not corr.clicks:
+                drawn[(t, value)] = pct(corr.box, shape)
+        return drawn
 
     def predict(self, tasks: list[dict], label_config: str, context: dict | None) -> tuple[list, dict[int, str]]:
         """Label Studio's /predict: one entry per task, and the jobs queued for tasks answered later.
@@ -327,12 +363,14 @@ class Service:
                 return self._interactive_cold(task, cfg, results) or empty
             self.adopt_stored(state)
             view = state.view
-            corrections = edits.interactive_corrections(cfg, state.objects, view.frame_masks(), results)
+            corrections = edits.interactive_corrections(cfg, state.objects, view.frame_masks(), results,
+                                                        self.drawn_boxes(state, view.shape, view.n_frames, sent=True))
             if not corrections:
                 return empty
             answers = self._answers(task_id, view, state.frames, corrections)
             self.schedule_correction(state, corrections)
-        return {"result": convert.interactive_results(cfg, answers, state.objects, view.n_frames, state.fps),
+        return {"result": as_drawn(convert.interactive_results(cfg, answers, state.objects, view.n_frames, state.fps),
+                                   corrections, view.shape),
                 "model_version": self.model_version}
 
     def _interactive_cold(self, task: dict, cfg: LabelConfig, results: list[dict]) -> dict | None:
@@ -373,7 +411,8 @@ class Service:
                              corrections=corrections)
         log.info("task %s: not held here; answered frame(s) %s from %d frame(s) read, the rest queued (job %s)",
                  task_id, sorted({t + 1 for t, _ in corrections}), len(wanted), job_id)
-        return {"result": convert.interactive_results(cfg, answers, objects, len(frames), fps),
+        return {"result": as_drawn(convert.interactive_results(cfg, answers, objects, len(frames), fps), corrections,
+                                   (h, w)),
                 "model_version": self.model_version}
 
     def _answers(self, task_id: int, view: SessionView, frames: FrameSequence,
@@ -484,7 +523,20 @@ class Service:
             log.warning("task %s: annotation %s belongs to task %s; webhook dropped", notice.task, notice.annotation,
                         annotation.get("task"))
             return
-        self.on_annotation(task, annotation, cfg)
+        self.on_annotation(task, annotation, cfg, self.parent_prediction(annotation))
+
+    def parent_prediction(self, annotation: dict) -> dict | None:
+        """The prediction of ours the annotation was made from (Label Studio records it), if any."""
+        parent = annotation.get("parent_prediction")
+        if not isinstance(parent, int) or isinstance(parent, bool):
+            return None
+        try:
+            pred = self.ls.prediction(parent)
+        except Exception as exc:  # deleted since: the annotation is compared with the masks alone
+            log.info("annotation %s: its prediction %s is not readable (%s)", annotation.get("id"), parent,
+                     upstream_status(exc) or type(exc).__name__)
+            return None
+        return pred if str(pred.get("model_version") or "").startswith("lazyxmem-") else None
 
     def project_config(self, project: int) -> str:
         """The project's label config as Label Studio has it now (read at most once a minute)."""
@@ -494,32 +546,44 @@ class Service:
             cached = self._project_configs[project] = (now, self.ls.label_config(project))
         return cached[1]
 
-    def on_annotation(self, task: dict, annotation: dict, cfg: LabelConfig) -> dict:
-        """An annotation created or updated (as Label Studio holds it): the frames the annotator
-        changed become corrections; an annotation that brings the task's first regions starts it."""
+    def on_annotation(self, task: dict, annotation: dict, cfg: LabelConfig, parent: dict | None = None) -> dict:
+        """An annotation created or updated (as Label Studio holds it): what the annotator changed
+        becomes corrections; an annotation that brings the task's first regions starts it, one that
+        moves where an object starts starts it again (both posted whatever the edit tolerance says).
+        ``parent``: the prediction the annotation was made from; what is as it was there (and the
+        objects' starting keyframes) is not the annotator's edit."""
         task_id = int(task["id"])
-        task = {**task, "annotations": [a for a in task.get("annotations") or [] if a.get("id") != annotation.get("id")]
-                + [annotation]}
+        others = [a for a in task.get("annotations") or [] if a.get("id") != annotation.get("id")]
+        result = annotation.get("result") or []
         # With Redis the job carries the annotation itself: whichever worker takes it rebuilds the
         # prediction and compares, so every edit so far counts, wherever earlier jobs ran.
         state = None if self.settings.redis_url else self.tasks.held(task_id)
-        if state is None:
-            # A restart or an evicted session: rebuilding means propagating the whole video, which
-            # does not belong here. The annotation must not be mistaken for the initial regions,
-            # unless it is the first to bring any: then it starts the task (and is posted whatever
-            # the edit tolerance says).
-            base = dict(task)
-            base["annotations"] = [a for a in task["annotations"] if a.get("id") != annotation.get("id")]
-            if not initial_regions(base):
-                base = task
-            regions = initial_regions(base)
+        start = initial_regions(state.task if state is not None else {**task, "annotations": others})
+        if not start or (state is not None and edits.moved_start(start, result)):
+            # The task's first regions, or a starting box moved: the task starts (again) from this
+            # annotation's starts, in a job that posts what it builds.
+            fresh = {**task, "annotations": [{**annotation, "result": edits.start_regions(result)}], "drafts": []}
+            regions = initial_regions(fresh)
             if not regions:
                 log.info("task %s: annotation %s has no region; nothing to do", task_id, annotation.get("id"))
                 return {"status": "no region"}
             self.check_objects(task_id, cfg, regions)
-            job = self.submit("annotation", base, cfg.xml, 0, annotation=annotation)
+            if state is not None:
+                log.info("task %s: annotation %s moves where an object starts; the task starts again", task_id,
+                         annotation.get("id"))
+                self.tasks.drop(task_id, state)
+            job = self.submit("annotation", fresh, cfg.xml, 0, annotation={**annotation, "result": regions})
+            return {"status": "starting", "job": job}
+        edited = {**annotation, "result": edits.edited_since(
+            edits.start_regions(start) + ((parent or {}).get("result") or []), result)}
+        if state is None:
+            # A restart or an evicted session: rebuilding means propagating the whole video, which
+            # does not belong here.
+            self.check_objects(task_id, cfg, start)
+            job = self.submit("annotation", {**task, "annotations": others}, cfg.xml, 0, annotation=edited)
             return {"status": "rebuilding", "job": job}
-        corrections = edits.annotation_corrections(cfg, state.objects, state.masks(), annotation)
+        corrections = edits.annotation_corrections(cfg, state.objects, state.masks(), edited,
+                                                   self.drawn_boxes(state, state.view.shape, state.view.n_frames, sent=True))
         if not corrections:
             log.info("task %s: annotation %s changes no frame; nothing to re-propagate", task_id, annotation.get("id"))
             return {"status": "no change"}
@@ -586,14 +650,13 @@ class Service:
             if spec.kind == "correct":
                 self.apply_corrections(state, spec.corrections, progress, spec.revision)
             elif spec.kind == "annotation":
-                corrections = edits.annotation_corrections(cfg, state.objects, state.masks(), spec.annotation or {})
-                # The annotation that brought the first regions started the session: its
-                # prediction is posted though nothing differs from what it was built from.
-                first = initial_regions(spec.task) == (spec.annotation or {}).get("result")
-                if not corrections and not first:
-                    log.info("task %s: the annotation changes no frame; nothing to re-propagate", spec.task_id)
-                    return {"posted": False, "frames": []}
-                if corrections:
+                # An annotation that is the task's start made the session: posted as it is.
+                if initial_regions(spec.task) != (spec.annotation or {}).get("result"):
+                    corrections = edits.annotation_corrections(cfg, state.objects, state.masks(), spec.annotation or {},
+                                                               self.drawn_boxes(state, state.view.shape, state.view.n_frames))
+                    if not corrections:
+                        log.info("task %s: the annotation changes no frame; nothing to re-propagate", spec.task_id)
+                        return {"posted": False, "frames": []}
                     self.apply_corrections(state, corrections, progress)
             pred = self.prediction(state)
             if self.views is not None:

@@ -15,7 +15,7 @@ TOKEN = "t" * 40
 class FakeLabelStudio(BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     posted: list[dict] = []
-    records: dict[str, dict[int, dict]] = {"tasks": {}, "annotations": {}, "projects": {}}
+    records: dict[str, dict[int, dict]] = {"tasks": {}, "annotations": {}, "projects": {}, "predictions": {}}
     reads: list[str] = []  # API paths read, in order
     lock = threading.Lock()
 

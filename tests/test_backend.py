@@ -391,7 +391,9 @@ def test_tasks_created_for_a_task_label_studio_cannot_show_yet_is_looked_up_agai
     connect(client, 3, VIDEO_CFG)
     r = notify(client, "TASKS_CREATED", tasks=[33])
     assert r.status_code == 202
-    time.sleep(0.1)
+    end = time.time() + 10
+    while "/api/tasks/33/" not in FakeLabelStudio.reads and time.time() < end:  # the first look-up: a 404
+        time.sleep(0.01)
     holds(video_task(video, task_id=33), 3)  # the upload's transaction commits after its webhook
     jobs = wait_jobs(client)
     assert [(j["task"], j["status"]) for j in jobs] == [(33, "finished")], jobs
@@ -579,3 +581,111 @@ def test_a_task_opened_before_anything_is_drawn_gets_no_prediction_to_store(clie
     r = predict(client, [task], VIDEO_CFG)
     assert r.status_code == 200 and r.json["results"] == [[]] and "jobs" not in r.json, r.json
     assert len(FakeLabelStudio.posted) == before and not client.model.jobs.jobs
+
+
+# -- annotations: what the annotator did, judged against what they started from ------------------
+def posted_for(task_id):
+    return [p["json"] for p in FakeLabelStudio.posted if p["path"].startswith("/api/predictions")
+            and p["json"].get("task") == task_id]
+
+
+def box_track(pred, n=N):
+    """Per-frame (x, y, w, h) of the first track, interpolated between keyframes as Label Studio does."""
+    seq = next(r for r in pred["result"] if r["type"] == "videorectangle")["value"]["sequence"]
+    out = [None] * n
+    for a, b in zip(seq, seq[1:] + [None]):
+        for f in range(a["frame"], (b["frame"] if b else n + 1)):
+            if b is None or not a.get("enabled", True):
+                out[f - 1] = (a["x"], a["y"], a["width"], a["height"]) if f == a["frame"] or b is None and a.get("enabled", True) else None
+            else:
+                s = (f - a["frame"]) / (b["frame"] - a["frame"])
+                out[f - 1] = tuple(a[k] + s * (b[k] - a[k]) for k in ("x", "y", "width", "height"))
+    return out
+
+
+def test_the_first_annotation_starts_the_task_and_its_prediction_is_posted(client, fake_ls):
+    _, video = fake_ls
+    connect(client, 3, VIDEO_CFG)
+    task = video_task(video, task_id=41)
+    drawn = task["annotations"][0]["result"][0]["value"]["sequence"][0]
+    holds({**task, "annotations": []}, 3)  # opened before any box: nothing to predict
+    r = predict(client, [{**task, "annotations": []}], VIDEO_CFG)
+    assert r.json["results"] == [[]]
+    holds(task, 3)  # the annotator draws a box and submits
+    assert notify(client, "ANNOTATION_CREATED", task=41, annotation=410).status_code == 202
+    wait_jobs(client)
+    posts = posted_for(41)
+    assert len(posts) == 1 and not posts[0]["model_version"].endswith("-r1"), [p["model_version"] for p in posts]
+    first = box_track(posts[0])[0]
+    assert max(abs(a - b) for a, b in zip(first, (drawn["x"], drawn["y"], drawn["width"], drawn["height"]))) < 1e-3
+
+
+def test_an_edited_copy_of_an_older_prediction_brings_only_its_edits(client, fake_ls):
+    """The annotator copies the first prediction, a correction round makes a newer one, then the
+    copy is edited on one frame and submitted: the copy's other frames are the old prediction's,
+    not the annotator's, and must not be pinned as corrections."""
+    _, video = fake_ls
+    connect(client, 3, VIDEO_CFG)
+    task = video_task(video, task_id=42)
+    holds(task, 3)
+    assert predict(client, [task], VIDEO_CFG).status_code == 200
+    old = client.post("/predict", headers=AUTH, json={"tasks": [task], "label_config": VIDEO_CFG}).json["results"][0]
+    FakeLabelStudio.records["predictions"][501] = {"id": 501, "task": 42, "result": old["result"],
+                                                   "model_version": old["model_version"]}
+    copy = [json_copy(r) for r in old["result"] if r["type"] == "videorectangle"]
+    seq = copy[0]["value"]["sequence"]
+    k = next(k for k in seq if k["frame"] > 3 and k.get("enabled", True))
+    k["x"] += 5.0  # the one edit
+    holds({**task, "annotations": task["annotations"] + [{"id": 4201, "parent_prediction": 501, "result": copy}]}, 3)
+    assert notify(client, "ANNOTATION_UPDATED", task=42, annotation=4201).status_code == 202
+    wait_jobs(client)
+    corrected = {t + 1 for t, _ in client.model.tasks.held(42).corrections}
+    assert corrected == {k["frame"]}, (corrected, k["frame"])
+
+
+def test_a_moved_starting_box_starts_the_task_again(client, fake_ls):
+    _, video = fake_ls
+    connect(client, 3, VIDEO_CFG)
+    task = video_task(video, task_id=43)
+    holds(task, 3)
+    assert notify(client, "ANNOTATION_CREATED", task=43, annotation=430).status_code == 202
+    wait_jobs(client)
+    before = client.model.tasks.held(43)
+    moved = json_copy(task["annotations"][0])
+    kf = moved["result"][0]["value"]["sequence"][0]
+    kf["x"], kf["y"] = kf["x"] + 20.0, kf["y"] + 10.0  # the box was misplaced: moved onto the other side
+    holds({**task, "annotations": [moved]}, 3)
+    assert notify(client, "ANNOTATION_UPDATED", task=43, annotation=430).status_code == 202
+    wait_jobs(client)
+    after = client.model.tasks.held(43)
+    assert after is not before and not after.corrections
+    posts = posted_for(43)
+    assert len(posts) == 2 and posts[-1]["result"] != posts[0]["result"]
+    first = box_track(posts[-1])[0]
+    assert max(abs(a - b) for a, b in zip(first, (kf["x"], kf["y"], kf["width"], kf["height"]))) < 1e-3
+
+
+def test_a_later_keyframe_on_the_annotators_own_annotation_is_the_only_correction(client, fake_ls):
+    _, video = fake_ls
+    connect(client, 3, VIDEO_CFG)
+    task = video_task(video, task_id=44)
+    holds(task, 3)
+    assert notify(client, "ANNOTATION_CREATED", task=44, annotation=440).status_code == 202
+    wait_jobs(client)
+    updated = json_copy(task["annotations"][0])
+    updated["result"][0]["value"]["sequence"].append(
+        {"frame": 9, "x": 10.0, "y": 20.0, "width": 30.0, "height": 40.0, "rotation": 0, "enabled": True})
+    holds({**task, "annotations": [updated]}, 3)
+    assert notify(client, "ANNOTATION_UPDATED", task=44, annotation=440).status_code == 202
+    wait_jobs(client)
+    state = client.model.tasks.held(44)
+    assert {t + 1 for t, _ in state.corrections} == {9}
+    final = box_track(posted_for(44)[-1])
+    assert posted_for(44)[-1]["model_version"].endswith("-r1")
+    assert max(abs(a - b) for a, b in zip(final[8], (10.0, 20.0, 30.0, 40.0))) < 1e-3, final[8]
+
+
+def json_copy(obj):
+    import json
+
+    return json.loads(json.dumps(obj))

@@ -303,8 +303,13 @@ def test_a_click_on_a_long_video_not_held_is_answered_from_its_frame(tmp_path):
         assert posted and posted[-1]["model_version"].endswith("-r1")
         state = service.tasks.held(31)
         assert state.session.records[1200].objects[1].answered
-        held_box = mask_box(state.masks()[1200] == 1)
-        assert max(abs(a - kf[0][c]) for a, c in zip(held_box, ("x", "y", "width", "height"))) < 1.0
+        held_box = mask_box(state.masks()[1200] == 1)  # the mask the box gives, near the box
+        assert max(abs(a - moved[c]) for a, c in zip(held_box, ("x", "y", "width", "height"))) < 5.0
+        # The answer and the posted track show the box as the user drew it on that frame.
+        assert max(abs(kf[0][c] - moved[c]) for c in ("x", "y", "width", "height")) < 1e-6
+        track = next(r for r in posted[-1]["result"] if r["type"] == "videorectangle")["value"]["sequence"]
+        at = next(k for k in track if k["frame"] == 1201)
+        assert max(abs(at[c] - moved[c]) for c in ("x", "y", "width", "height")) < 1e-3  # keyframes keep 4 decimals
     finally:
         srv.shutdown()
 
