@@ -273,6 +273,29 @@ def video_task(ls: LabelStudio, backend: Backend, fps: float, clip: Video) -> tu
     return project.id, task_id, ls_fps
 
 
+def check_track(pred: dict, truth: list, truth_dec: list, shows: list[int], frames: list[int], count: int,
+                what: str) -> list:
+    """A prediction's track on Label Studio ``frames``: on the object and on time (module doc).
+    Returns its box on every Label Studio frame."""
+    track = next(r for r in pred["result"] if r["type"] == "videorectangle")
+    assert track["value"]["labels"] == ["Object"], track["value"]
+    boxes = ls_track(track["value"]["sequence"], count)
+    share, misses = on_object(boxes, truth, frames)
+    # What a track keyed to decoded frames (frame k = decoded k - 1) would score: says why it fails.
+    naive, _ = on_object(boxes, [truth_dec[min(k - 1, len(truth_dec) - 1)] for k in range(1, count + 1)], frames)
+    assert share >= ON_OBJECT_SHARE, (
+        f"{what}: the boxes are on the object on {share:.0%} of Label Studio frames {frames[0]}..{frames[-1]} "
+        f"(frame, IoU missed: {misses}); read as decoded frame k - 1 they would be on {naive:.0%}; "
+        f"keyframes {[k['frame'] for k in track['value']['sequence']]}")
+    lags = frame_lags(boxes, truth_dec, shows, frames)
+    assert lags.count(0) >= ON_OBJECT_SHARE * len(lags), (
+        f"{what}: the boxes are not on Label Studio's frames: on frames {frames[0]}..{frames[-1]} each box is "
+        f"that many decoded frames early (-) or late (+): {lags}")
+    assert track["value"].get("framesCount") in (None, count), (
+        f"{what}: the track counts {track['value'].get('framesCount')} frames; Label Studio shows {count}")
+    return boxes
+
+
 def drag_box_around_disc(page: Any, img: np.ndarray, where: tuple[float, float, float]) -> tuple[int, ...]:
     """Drag a box from the disc's top-left corner to its bottom-right one, as seen on the screen;
     returns the disc's box in the screenshot's pixels."""
@@ -317,24 +340,17 @@ def test_video_journey(label_studio: LabelStudio, backend_server: Backend, ls_pa
     first = wait_prediction(ls, backend, task_id, lambda p: any(r["type"] == "videorectangle" for r in p["result"]),
                             offset)
     timed(f"journey_{tag}_{n}f_{W}x{H}_first_prediction_s", time.perf_counter() - t0)
-    track = next(r for r in first["result"] if r["type"] == "videorectangle")
-    assert track["value"]["labels"] == ["Object"], track["value"]
-    boxes = ls_track(track["value"]["sequence"], count)
     before_jump = [k for k in range(1, count + 1) if shows[k - 1] < jump]
-    share, misses = on_object(boxes, truth, before_jump)
-    # What a track keyed to decoded frames (frame k = decoded k - 1) would score: says why it fails.
-    naive, _ = on_object(boxes, [truth_dec[min(k - 1, n - 1)] for k in range(1, count + 1)], before_jump)
-    assert share >= ON_OBJECT_SHARE, (
-        f"{fps} fps: the predicted boxes are on the object on {share:.0%} of Label Studio frames 1.."
-        f"{before_jump[-1]} (before the jump; frame, IoU missed: {misses}); read as decoded frame k - 1 "
-        f"they would be on {naive:.0%}; keyframes {[k['frame'] for k in track['value']['sequence']]}")
-    lags = frame_lags(boxes, truth_dec, shows, before_jump)
-    assert lags.count(0) >= ON_OBJECT_SHARE * len(lags), (
-        f"{fps} fps: the predicted boxes are not on Label Studio's frames: on frames 1..{before_jump[-1]} "
-        f"each box is that many decoded frames early (-) or late (+): {lags}")
-    assert track["value"].get("framesCount") in (None, count), (
-        f"the prediction counts {track['value'].get('framesCount')} frames; Label Studio shows {count} "
-        f"({n} frames at {fps} fps counted at {ls_fps:g})")
+    boxes = check_track(first, truth, truth_dec, shows, before_jump, count, f"{fps} fps, first prediction")
+    # Whatever else Submit set off must also be right: every prediction the task has once the
+    # backend is idle (the editor lists them all; the newest is on top).
+    wait_backend_idle(backend)
+    after_submit = [p for p in predictions(ls, task_id) if any(r["type"] == "videorectangle" for r in p["result"])]
+    print(f"[e2e journey] {tag}: {len(after_submit)} prediction(s) after one Submit: "
+          f"{[(p['id'], p['model_version']) for p in after_submit]}")
+    for p in after_submit[1:]:  # ``boxes`` ends as the newest: what the user has before correcting
+        boxes = check_track(p, truth, truth_dec, shows, before_jump, count,
+                            f"{fps} fps, prediction {p['id']} {p['model_version']}")
     shot(page, shots, f"{tag}-2-submitted")
     if fps != FULL_JOURNEY_FPS:
         # The prediction as the user finds it on reopening the task, on the last frame before the jump.
@@ -344,8 +360,6 @@ def test_video_journey(label_studio: LabelStudio, backend_server: Backend, ls_pa
         seek_frame(page, before_jump[-1])
         shot(page, shots, f"{tag}-3-prediction-frame-{before_jump[-1]}")
         return
-
-    wait_backend_idle(backend)  # what Submit started ends before the correction (a user takes seconds)
 
     # 3. A later frame, after the jump: the user types it into the frame counter; Label Studio's
     # player must be on the decoded frame ``shown_frame`` says (what every check above relies on).
@@ -514,14 +528,19 @@ def test_image_sequence_journey(label_studio: LabelStudio, backend_server: Backe
     first = wait_prediction(ls, backend, task_id, lambda p: any(r["type"] == "brushlabels" for r in p["result"]),
                             offset)
     timed(f"journey_images_{N_ITEMS}x{W}x{H}_first_prediction_s", time.perf_counter() - t0)
-    masks = item_masks(first)
     empty = np.zeros((H, W), bool)
-    ious = [mask_iou(masks.get(i, empty), truth[i]) for i in range(N_ITEMS)]
-    on = [i for i in range(ITEM_JUMP) if ious[i] > ON_OBJECT_IOU]
-    assert len(on) >= ON_OBJECT_SHARE * ITEM_JUMP, (
-        f"the predicted masks are on the object on items {on} of 0..{ITEM_JUMP - 1}; IoU {np.round(ious, 2)}")
-
-    wait_backend_idle(backend)  # what Submit started ends before the correction
+    wait_backend_idle(backend)  # what Submit started ends before the correction; all it posted is checked
+    after_submit = [first] + [p for p in predictions(ls, task_id) if p["id"] > first["id"] and any(
+        r["type"] == "brushlabels" for r in p["result"])]
+    print(f"[e2e journey] images: {len(after_submit)} prediction(s) after one Submit: "
+          f"{[(p['id'], p['model_version']) for p in after_submit]}")
+    for p in after_submit:  # ``masks`` ends as the newest: what the user has before correcting
+        masks = item_masks(p)
+        ious = [mask_iou(masks.get(i, empty), truth[i]) for i in range(N_ITEMS)]
+        on = [i for i in range(ITEM_JUMP) if ious[i] > ON_OBJECT_IOU]
+        assert len(on) >= ON_OBJECT_SHARE * ITEM_JUMP, (
+            f"prediction {p['id']}: the masks are on the object on items {on} of 0..{ITEM_JUMP - 1}; "
+            f"IoU {np.round(ious, 2)}")
 
     # 3. An item after the jump: paint the object there with the brush, Update.
     target = ITEM_JUMP + 6  # 0-based
@@ -533,8 +552,11 @@ def test_image_sequence_journey(label_studio: LabelStudio, backend_server: Backe
     seen = tuple(100 * v / s for v, s in zip((x, y, w, h), (where[2] * W, where[2] * H) * 2))
     assert box_iou(seen, pct_box(truth[target])) > 0.8, f"item {target + 1} shows the object at {seen}"
     paint_disc(page, img, where)
-    painted = [r for r in editor_results(page) if r["type"] == "brushlabels" and r.get("item_index") == target]
-    assert painted, f"painting on item {target + 1} made no brush region: {editor_results(page)}"
+    deadline = time.monotonic() + 10  # the editor turns the stroke into a region a moment after the release
+    while not (painted := [r for r in editor_results(page)
+                           if r["type"] == "brushlabels" and r.get("item_index") == target]):
+        assert time.monotonic() < deadline, f"painting on item {target + 1} made no brush region: {editor_results(page)}"
+        time.sleep(0.3)
     paint = np.zeros((H, W), bool)
     for r in painted:
         paint |= brush_mask(r)
