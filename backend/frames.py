@@ -142,11 +142,17 @@ def ls_frame_rate(attr: str | None, data: dict[str, Any] | None) -> tuple[float,
     return (1.0 / rate if rate < 1 else rate), None
 
 
-def task_frame_map(attr: str | None, data: dict[str, Any] | None, video_fps: float, n: int,
-                   task_id: Any = None) -> FrameMap:
+def task_frame_map(attr: str | None, data: dict[str, Any] | None, video_fps: float | None, n: int | None,
+                   task_id: Any = None) -> FrameMap | None:
     """The task's :class:`FrameMap`; logs once per call (per task) when Label Studio's count differs
-    from the decoded one, saying what makes them one."""
+    from the decoded one, saying what makes them one. None, logged, when the video's frame count or
+    rate is unknown (a container that does not declare them): frames are then taken one for one."""
     ls_fps, why = ls_frame_rate(attr, data)
+    if not n or not video_fps or not math.isfinite(video_fps) or video_fps <= 0:
+        log.warning("task %s: the video's frame count or rate is unknown (%s frames at %s fps): Label Studio's "
+                    "frame N is taken as video frame N, which holds only if frameRate (%g) is the video's rate",
+                    task_id, n, video_fps, ls_fps)
+        return None
     fmap = FrameMap(ls_fps, video_fps, n)
     if why:
         log.warning("task %s: %s: Label Studio counts this video at %g fps", task_id, why, ls_fps)

@@ -172,6 +172,9 @@ def test_frame_rate_is_read_the_way_label_studio_reads_it(caplog):
     with caplog.at_level(logging.WARNING, logger="backend.frames"):
         task_frame_map("$fps", {"fps": 30}, 30.0, 90, task_id=8)
     assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="backend.frames"):
+        assert task_frame_map("25", {}, 24.0, None, task_id=9) is None  # a container without a count
+    assert "task 9" in caplog.text and "unknown" in caplog.text
 
 
 def test_a_keyframe_past_the_label_studio_count_is_refused():
