@@ -472,6 +472,10 @@ def wait_video_editor(page: Any, label: str = "Object", timeout_ms: int = 30_000
     page.wait_for_function("() => [...document.querySelectorAll('video')].some("
                            "e => e.readyState >= 2 && e.duration > 0)", timeout=timeout_ms)
     page.wait_for_selector(f".lsf-label:has-text('{label}')", timeout=timeout_ms)
+    # The frame counter reads "of 0" until the metadata has reached the editor's store; the
+    # canvas is re-mounted then, so drawing waits for a real count.
+    page.wait_for_function("() => /of\\s*[1-9]/.test((document.querySelector('.lsf-frames-control') || {})"
+                           ".innerText || '')", timeout=timeout_ms)
     wait_still(page, ".lsf-main-view .lsf-video-canvas")
 
 

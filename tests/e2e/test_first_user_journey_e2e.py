@@ -296,6 +296,19 @@ def check_track(pred: dict, truth: list, truth_dec: list, shows: list[int], fram
     return boxes
 
 
+def wait_regions(page: Any, kind: str, shot_path: Path, timeout: float = 5.0) -> list[dict]:
+    """The editor's regions of ``kind`` once there is one (the editor adds a region a moment after
+    the mouse is released); none: a screenshot for the failure message, and an empty list."""
+    deadline = time.monotonic() + timeout
+    while not (found := [r for r in editor_results(page) if r["type"] == kind]):
+        if time.monotonic() > deadline:
+            page.screenshot(path=str(shot_path))
+            print(f"[e2e screenshot] {shot_path} (no {kind} region after the drag)")
+            break
+        time.sleep(0.2)
+    return found
+
+
 def drag_box_around_disc(page: Any, img: np.ndarray, where: tuple[float, float, float]) -> tuple[int, ...]:
     """Drag a box from the disc's top-left corner to its bottom-right one, as seen on the screen;
     returns the disc's box in the screenshot's pixels."""
@@ -325,7 +338,7 @@ def test_video_journey(label_studio: LabelStudio, backend_server: Backend, ls_pa
     page.click(".lsf-label:has-text('Object')")
     img, where = shown_media(page, ".lsf-main-view .lsf-video-canvas", (W, H))
     drag_box_around_disc(page, img, where)
-    drawn = [r for r in editor_results(page) if r["type"] == "videorectangle"]
+    drawn = wait_regions(page, "videorectangle", shots / f"{tag}-1-no-region.png")
     assert len(drawn) == 1, f"the drag made {len(drawn)} box regions: {drawn}"
     first_key = drawn[0]["value"]["sequence"][0]
     assert first_key["frame"] == 1, first_key
@@ -515,7 +528,7 @@ def test_image_sequence_journey(label_studio: LabelStudio, backend_server: Backe
     page.click(".lsf-label:has-text('Object: box')")
     img, where = image_where(page)
     drag_box_around_disc(page, img, where)
-    boxes = [r for r in editor_results(page) if r["type"] == "rectanglelabels"]
+    boxes = wait_regions(page, "rectanglelabels", shots / "images-1-no-region.png")
     assert len(boxes) == 1 and boxes[0].get("item_index", 0) == 0, boxes
     drawn = tuple(boxes[0]["value"][c] for c in ("x", "y", "width", "height"))
     assert box_iou(drawn, pct_box(truth[0])) > 0.8, f"the box drawn {drawn} is not around the object"
