@@ -17,6 +17,7 @@ from lazyxmem_core.types import Click, Correction
 from . import convert
 from .checks import shown
 from .convert import ObjectPrompt, TaskError, keyframe_index, object_key
+from .frames import FrameMap
 from .labelconfig import REVIEW_LABEL, LabelConfig
 
 Corrections = dict[tuple[int, int], Correction]  # (0-based frame, object value) -> correction
@@ -100,11 +101,13 @@ def edited_since(parent: list[dict], results: list[dict]) -> list[dict]:
     return out
 
 
-def initial_prompts(results: list[dict], cfg: LabelConfig, size: tuple[int, int], n_frames: int) -> list[ObjectPrompt]:
-    """Each object's first region: where its track starts. ``size`` is (width, height)."""
+def initial_prompts(results: list[dict], cfg: LabelConfig, size: tuple[int, int], n_frames: int,
+                    frames: FrameMap | None = None) -> list[ObjectPrompt]:
+    """Each object's first region: where its track starts. ``size`` is (width, height);
+    ``frames``: how Label Studio's frame numbers map to the decoded frames (video)."""
     w, h = size
     if cfg.mode == "video":
-        return convert.first_per_object(convert.video_prompts(results, cfg, w, h, n_frames))
+        return convert.first_per_object(convert.video_prompts(results, cfg, w, h, n_frames, frames))
     return convert.first_per_object(convert.image_prompts(results, cfg, [(w, h)] * n_frames))
 
 
@@ -129,7 +132,8 @@ def object_count(cfg: LabelConfig, results: list[dict]) -> int:
     return len(keys)
 
 
-def frames_named(cfg: LabelConfig, results: list[dict], first_only: bool = False) -> set[int]:
+def frames_named(cfg: LabelConfig, results: list[dict], first_only: bool = False,
+                 frames: FrameMap | None = None) -> set[int]:
     """The 0-based frames that regions are drawn on (``first_only``: each region's first), read
     without the frames themselves."""
     out: set[int] = set()
@@ -143,7 +147,8 @@ def frames_named(cfg: LabelConfig, results: list[dict], first_only: bool = False
         if r.get("type") != "videorectangle":
             continue
         where = f"region {shown(r.get('id'))}"
-        seq = [keyframe_index(k, where) for k in (r.get("value") or {}).get("sequence") or [] if k.get("enabled", True)]
+        seq = [keyframe_index(k, where, frames) for k in (r.get("value") or {}).get("sequence") or []
+               if k.get("enabled", True)]
         if seq:
             out.update([min(seq)] if first_only else seq)
     return out
@@ -170,10 +175,11 @@ Drawn = dict[tuple[int, int], tuple[float, ...]]  # (frame, object) -> the perce
 
 
 def interactive_corrections(cfg: LabelConfig, objects: Sequence[tuple[int, str]], masks: Sequence[np.ndarray],
-                            results: list[dict], drawn: Drawn | None = None) -> Corrections:
+                            results: list[dict], drawn: Drawn | None = None,
+                            frames: FrameMap | None = None) -> Corrections:
     """An interactive context (keypoints, a box, a brush on one frame) -> corrections."""
     if cfg.mode != "images":
-        return video_box_edits(cfg, objects, masks, results, drawn=drawn)
+        return video_box_edits(cfg, objects, masks, results, drawn=drawn, frames=frames)
     h, w = masks[0].shape
     out: Corrections = {}
     clicks: dict[tuple[int, int], list[Click]] = {}
@@ -194,7 +200,8 @@ def interactive_corrections(cfg: LabelConfig, objects: Sequence[tuple[int, str]]
 
 
 def video_box_edits(cfg: LabelConfig, objects: Sequence[tuple[int, str]], masks: Sequence[np.ndarray],
-                    results: list[dict], tolerance: float = 1.0, drawn: Drawn | None = None) -> Corrections:
+                    results: list[dict], tolerance: float = 1.0, drawn: Drawn | None = None,
+                    frames: FrameMap | None = None) -> Corrections:
     """Keyframes whose box differs from the predicted track by more than ``tolerance`` percent.
     ``drawn``: boxes the track shows as drawn (starts, earlier corrections) instead of its mask's."""
     out: Corrections = {}
@@ -207,7 +214,7 @@ def video_box_edits(cfg: LabelConfig, objects: Sequence[tuple[int, str]], masks:
         seq = [k for k in value_d.get("sequence") or [] if k.get("enabled", True)]
         rid = str(r.get("id", ""))
         for k in seq:
-            t = keyframe_index(k, f"region {shown(rid)}")
+            t = keyframe_index(k, f"region {shown(rid)}", frames)
             if not 0 <= t < n:
                 raise TaskError(f"region {shown(rid)}: keyframe {t + 1} is outside the video (1..{n})")
             mask = masks[t]
@@ -245,12 +252,13 @@ def image_edits(cfg: LabelConfig, objects: Sequence[tuple[int, str]], masks: Seq
 
 
 def annotation_corrections(cfg: LabelConfig, objects: Sequence[tuple[int, str]], masks: Sequence[np.ndarray],
-                           annotation: dict, drawn: Drawn | None = None) -> Corrections:
+                           annotation: dict, drawn: Drawn | None = None,
+                           frames: FrameMap | None = None) -> Corrections:
     """The frames where a submitted annotation differs from the prediction."""
     results = annotation.get("result") or []
     if cfg.mode == "images":
         return image_edits(cfg, objects, masks, results)
-    return video_box_edits(cfg, objects, masks, results, drawn=drawn)
+    return video_box_edits(cfg, objects, masks, results, drawn=drawn, frames=frames)
 
 
 def same_correction(a: Correction | None, b: Correction) -> bool:

@@ -409,11 +409,11 @@ class TaskMedia:
         return value
 
     def open(self, task: dict, cfg: LabelConfig) -> tuple[FrameSequence, float]:
-        """Every frame of the task, and its frame rate."""
+        """Every frame of the task, and the video's own frame rate (1 for image sequences)."""
         value = self.value(task, cfg)
         if cfg.mode == "video":
             frames = VideoFrames(self.fetcher.fetch(value), max_frames=self.max_frames, raw_limit_mb=self.frame_store_mb)
-            return frames, cfg.frame_rate or frames.fps
+            return frames, frames.fps  # the file's own rate: Label Studio's numbering is backend.frames' business
         # Checked whole now (a bad image is an error before any work), then decoded again when
         # read: a long sequence's decoded images are never all in memory.
         files, shapes = [], set()
@@ -435,7 +435,7 @@ class TaskMedia:
             path = self.fetcher.fetch(value)
             n, fps = video_header(path)
             frames = read_video_frames(path, indices)
-            return SparseFrames(max(n or 0, max(indices) + 1), frames), cfg.frame_rate or fps
+            return SparseFrames(max(n or 0, max(indices) + 1), frames), fps
         out = {}
         for t in indices:
             if not 0 <= t < len(value):
@@ -445,6 +445,10 @@ class TaskMedia:
                 raise TaskError(f"task {task.get('id')}: image {value[t]} cannot be decoded")
             out[t] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         return SparseFrames(len(value), out), 1.0
+
+    def declared_rate(self, task: dict, cfg: LabelConfig) -> tuple[int | None, float]:
+        """A video task's (frame count, fps) as its container declares them (fetched, not decoded)."""
+        return video_header(self.fetcher.fetch(self.value(task, cfg)))
 
     def declared_frames(self, task: dict, cfg: LabelConfig) -> int | None:
         """A video task's frame count as its container declares it (the file is fetched, not

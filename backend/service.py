@@ -19,6 +19,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +42,7 @@ from .edits import Corrections, initial_regions, start_digest
 from .bounded_media import BoundedMedia
 from .checks import InputError, check_annotation, check_task, safe_message, shown
 from .fetch import MediaFetcher
+from .frames import FrameMap, task_frame_map
 from .jobs import JobSpec, PriorityGate, Progress, QueueFull, make_queue
 from .labelconfig import LabelConfig, parse_label_config
 from .ls_io import LabelStudioIO, PostLedger, upstream_status
@@ -66,7 +68,8 @@ def pct(box: Any, shape: tuple[int, int]) -> tuple[float, float, float, float]:
     return 100 * box.x0 / w, 100 * box.y0 / h, 100 * (box.x1 - box.x0) / w, 100 * (box.y1 - box.y0) / h
 
 
-def as_drawn(results: list[dict], corrections: Corrections, shape: tuple[int, int]) -> list[dict]:
+def as_drawn(results: list[dict], corrections: Corrections, shape: tuple[int, int],
+             frames: FrameMap | None = None) -> list[dict]:
     """Video answers keep the box the user drew on that frame (the mask it gives is what enters
     the propagation): a box that came back as the mask's bounding box read as not taken."""
     boxes = {key: c.box for key, c in corrections.items() if c.box is not None and c.mask is None and not c.clicks}
@@ -75,7 +78,7 @@ def as_drawn(results: list[dict], corrections: Corrections, shape: tuple[int, in
         if r.get("type") != "videorectangle" or own is None:
             continue
         for k in r["value"]["sequence"]:
-            box = boxes.get((k["frame"] - 1, own))
+            box = boxes.get((frames.to_video(k["frame"]) if frames is not None else k["frame"] - 1, own))
             if box is not None:
                 k.update(zip(("x", "y", "width", "height"), pct(box, shape)))
     return results
@@ -97,6 +100,7 @@ class Service:
         self._refiner_lock = threading.Lock()
         self._sync_slot = threading.Semaphore(1)
         self.gate = PriorityGate()
+        self._frame_maps: weakref.WeakKeyDictionary[TaskState, FrameMap] = weakref.WeakKeyDictionary()
         # Projects that called /setup (webhooks are acted on for these only) and their configs.
         self.projects = ConnectedProjects(Path(settings.cache_dir) / "projects.json", self.redis)
         self._project_configs: dict[int, tuple[float, str]] = {}  # read back from Label Studio
@@ -167,13 +171,34 @@ class Service:
         task_id = int(task.get("id") or 0)
         frames, fps = self.media.open(task, cfg)
         h, w = frames[0].shape[:2]
-        prompts = edits.initial_prompts(initial_regions(task), cfg, (w, h), len(frames))
+        fmap = self.task_map(task, cfg, fps, len(frames))
+        prompts = edits.initial_prompts(initial_regions(task), cfg, (w, h), len(frames), fmap)
         if not prompts:
             return None
         key = video_key(task)
         given, objects = self.initial_masks(frames, prompts, task_id, key)
         session = self.new_session(frames, given, key)
-        return TaskState(task_id, cfg, frames, objects, session, fps, task=task, view=session.view())
+        state = TaskState(task_id, cfg, frames, objects, session, fps, task=task, view=session.view())
+        if fmap is not None:
+            self._frame_maps[state] = fmap
+        return state
+
+    @staticmethod
+    def task_map(task: dict, cfg: LabelConfig, fps: float, n: int) -> FrameMap | None:
+        """How Label Studio numbers a video task's frames (its config's frameRate, the task's data)
+        against the decoded ones; a mismatch is logged with the task id."""
+        if cfg.mode != "video":
+            return None
+        return task_frame_map(cfg.frame_rate_attr, task.get("data"), fps, n, task.get("id"))
+
+    def frame_map(self, state: TaskState) -> FrameMap | None:
+        """The task's frame map, made once per held state."""
+        if state.cfg.mode != "video":
+            return None
+        fmap = self._frame_maps.get(state)
+        if fmap is None:
+            fmap = self._frame_maps[state] = self.task_map(state.task, state.cfg, state.fps, len(state.frames))
+        return fmap
 
     def _stepper(self, state: TaskState, progress: Progress | None) -> Callable[[int], None]:
         """The per-frame callback of a propagation: progress, the view published once a second
@@ -241,24 +266,28 @@ class Service:
         with state.meta_lock:
             view, revision = state.view, state.revision
         masks = view.frame_masks()
+        review = [t + 1 for t in view.review]
         if state.cfg.mode == "video":
+            fmap = self.frame_map(state)
             result = convert.video_results(state.cfg, masks, state.objects, view.review, view.pseudo, state.fps,
-                                           drawn=self.drawn_boxes(state, view.shape, view.n_frames))
+                                           frames=fmap, drawn=self.drawn_boxes(state, view.shape, view.n_frames))
+            if fmap is not None:  # in Label Studio's numbering, as the timeline shows them
+                review = [k + 1 for k in fmap.ls_frames_of(list(view.review))]
         else:
             result = convert.image_results(state.cfg, masks, state.objects, view.review, view.pseudo)
         version = self.model_version + (f"-r{revision}" if revision else "")
         return {"result": result, "score": view.score, "model_version": version,
-                "review_frames": [t + 1 for t in view.review]}
+                "review_frames": review}
 
-    @staticmethod
-    def drawn_boxes(state: TaskState, shape: tuple[int, int], n: int,
+    def drawn_boxes(self, state: TaskState, shape: tuple[int, int], n: int,
                     sent: bool = False) -> dict[tuple[int, int], tuple[float, ...]]:
         """(frame, object) -> the box the user drew there, in percent: each object's starting box
         and every applied box correction (``sent``: every one sent to a job, applied or not). A
         track shows these as drawn (a mask's bounding box is not the box a user drew, and a
         corrected box that came back otherwise read as ignored)."""
         h, w = shape
-        drawn = convert.drawn_boxes(edits.initial_prompts(initial_regions(state.task), state.cfg, (w, h), n))
+        drawn = convert.drawn_boxes(edits.initial_prompts(initial_regions(state.task), state.cfg, (w, h), n,
+                                                          self.frame_map(state)))
         for (t, value), corr in (state.corrections if sent else state.applied).items():
             if corr.box is not None and corr.mask is None and not corr.clicks:
                 drawn[(t, value)] = pct(corr.box, shape)
@@ -363,14 +392,16 @@ class Service:
                 return self._interactive_cold(task, cfg, results) or empty
             self.adopt_stored(state)
             view = state.view
+            fmap = self.frame_map(state)
             corrections = edits.interactive_corrections(cfg, state.objects, view.frame_masks(), results,
-                                                        self.drawn_boxes(state, view.shape, view.n_frames, sent=True))
+                                                        self.drawn_boxes(state, view.shape, view.n_frames, sent=True),
+                                                        fmap)
             if not corrections:
                 return empty
             answers = self._answers(task_id, view, state.frames, corrections)
             self.schedule_correction(state, corrections)
-        return {"result": as_drawn(convert.interactive_results(cfg, answers, state.objects, view.n_frames, state.fps),
-                                   corrections, view.shape),
+        return {"result": as_drawn(convert.interactive_results(cfg, answers, state.objects, view.n_frames, state.fps,
+                                                               fmap), corrections, view.shape, fmap),
                 "model_version": self.model_version}
 
     def _interactive_cold(self, task: dict, cfg: LabelConfig, results: list[dict]) -> dict | None:
@@ -379,8 +410,12 @@ class Service:
         task_id = int(task.get("id") or 0)
         regions = initial_regions(task)
         self.check_objects(task_id, cfg, regions)
-        clicked = edits.frames_named(cfg, results)
-        starts = edits.frames_named(cfg, regions, first_only=True)
+        fmap = None
+        if cfg.mode == "video":  # Label Studio's frame numbers, mapped from the container's header
+            n_declared, rate = self.media.declared_rate(task, cfg)
+            fmap = self.task_map(task, cfg, rate, n_declared) if n_declared else None
+        clicked = edits.frames_named(cfg, results, frames=fmap)
+        starts = edits.frames_named(cfg, regions, first_only=True, frames=fmap)
         if not starts:
             raise TaskError(f"task {task_id} has no region to start from: draw the objects first")
         if not clicked:
@@ -391,7 +426,8 @@ class Service:
         frames, fps = self.media.some(task, cfg, wanted)
         h, w = frames[start].shape[:2]
         key = video_key(task)
-        prompts = edits.initial_prompts(regions, cfg, (w, h), len(frames))
+        fmap = self.task_map(task, cfg, fps, len(frames))
+        prompts = edits.initial_prompts(regions, cfg, (w, h), len(frames), fmap)
         given, objects = self.initial_masks(frames, prompts, task_id, key)
         if window:
             session = self.new_session(frames, given, key)
@@ -403,7 +439,7 @@ class Service:
                 tuple(PackedMask.pack(given[t]) if t in given else None for t in range(len(frames))), {},
                 {v: tuple((f, PackedMask.pack(m == v)) for f, m in sorted(given.items()) if (m == v).any())
                  for v, _ in objects}, (), (), 0.0)
-        corrections = edits.interactive_corrections(cfg, objects, view.frame_masks(), results)
+        corrections = edits.interactive_corrections(cfg, objects, view.frame_masks(), results, frames=fmap)
         if not corrections:
             return None
         answers = self._answers(task_id, view, frames, corrections)
@@ -411,8 +447,8 @@ class Service:
                              corrections=corrections)
         log.info("task %s: not held here; answered frame(s) %s from %d frame(s) read, the rest queued (job %s)",
                  task_id, sorted({t + 1 for t, _ in corrections}), len(wanted), job_id)
-        return {"result": as_drawn(convert.interactive_results(cfg, answers, objects, len(frames), fps), corrections,
-                                   (h, w)),
+        return {"result": as_drawn(convert.interactive_results(cfg, answers, objects, len(frames), fps, fmap),
+                                   corrections, (h, w), fmap),
                 "model_version": self.model_version}
 
     def _answers(self, task_id: int, view: SessionView, frames: FrameSequence,
@@ -583,7 +619,8 @@ class Service:
             job = self.submit("annotation", {**task, "annotations": others}, cfg.xml, 0, annotation=edited)
             return {"status": "rebuilding", "job": job}
         corrections = edits.annotation_corrections(cfg, state.objects, state.masks(), edited,
-                                                   self.drawn_boxes(state, state.view.shape, state.view.n_frames, sent=True))
+                                                   self.drawn_boxes(state, state.view.shape, state.view.n_frames, sent=True),
+                                                   self.frame_map(state))
         if not corrections:
             log.info("task %s: annotation %s changes no frame; nothing to re-propagate", task_id, annotation.get("id"))
             return {"status": "no change"}
@@ -653,7 +690,8 @@ class Service:
                 # An annotation that is the task's start made the session: posted as it is.
                 if initial_regions(spec.task) != (spec.annotation or {}).get("result"):
                     corrections = edits.annotation_corrections(cfg, state.objects, state.masks(), spec.annotation or {},
-                                                               self.drawn_boxes(state, state.view.shape, state.view.n_frames))
+                                                               self.drawn_boxes(state, state.view.shape, state.view.n_frames),
+                                                               self.frame_map(state))
                     if not corrections:
                         log.info("task %s: the annotation changes no frame; nothing to re-propagate", spec.task_id)
                         return {"posted": False, "frames": []}

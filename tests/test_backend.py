@@ -35,7 +35,7 @@ def fake_ls():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     video = make_video(n_frames=N, size=(H, W), radius=12, distractor=True, appearance_change_at=9, seed=5)
     buf = Path(__import__("tempfile").mkdtemp()) / "v.avi"
-    w = cv2.VideoWriter(str(buf), cv2.VideoWriter_fourcc(*"MJPG"), 10, (W, H))
+    w = cv2.VideoWriter(str(buf), cv2.VideoWriter_fourcc(*"MJPG"), 25, (W, H))  # the configs' frameRate: frames one for one
     for f in video.frames:
         w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
     w.release()
@@ -44,7 +44,7 @@ def fake_ls():
     # A look-alike distractor crosses the object: the Lazy trigger must fire.
     crossing = make_video(n_frames=30, size=(240, 428), radius=40, distractor=True)
     path = buf.with_name("cross.avi")
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (428, 240))
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (428, 240))
     for f in crossing.frames:
         w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
     w.release()

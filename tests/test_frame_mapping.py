@@ -198,3 +198,60 @@ def test_the_track_keeps_the_drawn_box_on_the_frame_it_was_drawn():
     on4 = box_at(track["value"]["sequence"], 4)
     assert on4 == pytest.approx((1.0, 28.0, 9.5, 20.0))  # what the user drew, not the mask's bounding box
     assert box_at(track["value"]["sequence"], 6)[0] == pytest.approx(100 * object_x(5) / W)
+
+
+def test_the_service_keeps_predictions_and_corrections_on_the_frames_label_studio_shows(video, tmp_path):
+    """End to end through the backend (Flask test client, a stand-in Label Studio serving the
+    file) under the shipped frameRate="25": the posted track sits on the object of the frame the
+    browser shows, and a box drawn on Label Studio frame k corrects that same decoded frame."""
+    import threading
+    from http.server import ThreadingHTTPServer
+    from pathlib import Path
+
+    from backend.app import create_app
+    from backend.settings import BackendSettings
+    from fake_ls import TOKEN, FakeLabelStudio
+    from lazyxmem_core.engines import EngineSettings
+
+    path, decoded, pts = video
+    FakeLabelStudio.files["/data/upload/9/fm.mp4"] = Path(path).read_bytes()
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeLabelStudio)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        app = create_app(BackendSettings(ls_url=f"http://127.0.0.1:{srv.server_address[1]}", api_key=TOKEN,
+                                         cache_dir=str(tmp_path / "cache"),
+                                         engine=EngineSettings(engine="embedded", refiner="embedded")))
+        client, service = app.test_client(), app.config["model"]
+        cfg = CFG.format(rate="25")
+        pct = lambda x, y: {"x": 100 * x / W, "y": 100 * y / H, "width": 100 * SIDE / W, "height": 100 * SIDE / H}
+        start = {"frame": 1, **pct(object_x(0), 20), "rotation": 0, "enabled": True}
+        region = {"id": "r1", "from_name": "box", "to_name": "video", "type": "videorectangle",
+                  "value": {"sequence": [start], "labels": ["Object"]}}
+        task = {"id": 91, "data": {"video": "/data/upload/9/fm.mp4"}, "annotations": [{"id": 1, "result": [region]}]}
+        r = client.post("/predict", json={"tasks": [task], "label_config": cfg})
+        assert r.status_code == 200, r.json
+        seq = next(x for x in r.json["results"][0]["result"] if x["type"] == "videorectangle")["value"]["sequence"]
+        count = FrameMap(25.0, float(decoded.fps), N).ls_count
+        off = []
+        for k in range(1, count + 1):
+            box = box_at(seq, k)
+            if box is not None:
+                off.append(abs(box[0] * W / 100 - object_x(shown_by_browser(pts, k, 25.0))))
+        assert len(off) >= 0.9 * count and np.median(off) <= STEP and np.mean(np.array(off) <= 2 * STEP) > 0.9, off
+        # The annotator boxes the object on Label Studio frame k: the correction is the frame shown there.
+        k = count - 10
+        t = shown_by_browser(pts, k, 25.0)
+        kf = {"frame": k, **pct(object_x(t) - 4, 16), "rotation": 0, "enabled": True}  # a looser box than predicted
+        kf.update(width=kf["width"] * 1.8, height=kf["height"] * 1.8)
+        click = {"id": "lazyxmem-1", "from_name": "box", "to_name": "video", "type": "videorectangle",
+                 "value": {"sequence": [kf], "labels": ["Object"]}}
+        r = client.post("/predict", json={"tasks": [task], "label_config": cfg, "params": {"context": {"result": [click]}}})
+        assert r.status_code == 200, r.json
+        answer = r.json["results"][0]["result"][0]["value"]["sequence"]
+        # on the first Label Studio frame that shows decoded frame t (k itself, or the one before it
+        # when two Label Studio frames show the same picture)
+        assert len(answer) == 1 and shown_by_browser(pts, answer[0]["frame"], 25.0) == t, (answer, k, t)
+        state = service.tasks.held(91)
+        assert {f for f, _ in state.corrections} == {t}, (state.corrections.keys(), t)
+    finally:
+        srv.shutdown()

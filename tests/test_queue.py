@@ -72,7 +72,7 @@ def _ping(r) -> bool:
 def write_video(path: Path, n: int, size: tuple[int, int], seed: int):
     video = make_video(n_frames=n, size=size, radius=size[0] // 6, seed=seed)
     h, w = size
-    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (w, h))  # the config's frameRate
     for f in video.frames:
         out.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
     out.release()
