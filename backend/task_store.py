@@ -57,6 +57,14 @@ def video_key(task: dict) -> str:
     return f"task-{int(task.get('id') or 0)}-{hashlib.sha256(data).hexdigest()[:16]}"
 
 
+def anchor_corrections(view: SessionView) -> dict[tuple[int, int], Correction]:
+    """The human-given masks of a view after each object's first (its start, given by the task):
+    the corrections it holds, as masks (a mask correction is taken as it is, so replaying them
+    gives the same masks)."""
+    return {(t, label): Correction(mask=packed.unpack().astype(bool))
+            for label, entries in view.anchors.items() for t, packed in sorted(entries, key=lambda e: e[0])[1:]}
+
+
 @dataclass(eq=False)
 class TaskState:
     """A task's video, its objects and its Lazy session (deferred mode: review frames, no callback)."""
@@ -92,9 +100,14 @@ class TaskState:
                 self.revision = revision
 
     def adopt(self, view: SessionView, stamp: float, revision: int) -> None:
-        """A newer view made elsewhere (a worker) replaces this process's own."""
+        """A newer view made elsewhere (a worker, or this backend before a restart) replaces this
+        process's own. A state that knows no corrections (just built) learns the view's corrected
+        masks as mask corrections: the next correction job carries them, so a session rebuilt from
+        the task keeps them (after a restart, round 2 used to drop round 1's correction)."""
         with self.meta_lock:
             if stamp > self.stamp:
+                if not self.corrections and not self.applied:
+                    self.corrections.update(anchor_corrections(view))
                 self.view, self.stamp, self.revision = view, stamp, max(self.revision, revision)
 
     def masks(self) -> ViewMasks:

@@ -128,6 +128,8 @@ def test_a_restarted_backend_serves_the_masks_and_continues_the_correction_round
     assert predict(restarted, [task], IMAGES_CFG, context={"result": [click_on(video, 10)]}).status_code == 200
     assert all(j["status"] == "finished" for j in wait_jobs(restarted))
     assert posted_versions()[-1].endswith("-r2"), posted_versions()
+    # Round 2 keeps round 1's correction (item 6), made before the restart.
+    assert (served_pngs(restarted, 2)["00007.png"] == before_png["00007.png"]).all()
 
     # Again after a restart, through an annotation webhook (rebuilt in a job): round 3.
     again = create_app(client.model.settings).test_client()

@@ -178,3 +178,14 @@ def test_both_stores_answer_alike(any_store):
     assert latest.stamp == 3.0 and latest.revision == 2 and latest.prediction == {"v": 1} and same(latest.view, view(1))
     assert store.latest(1, "another-model") is None and store.latest(1, None).stamp == 3.0
     assert store.latest(2, None).prediction == {"v": 3}
+
+
+def test_a_views_corrections_are_its_anchors_after_each_objects_start():
+    from backend.task_store import anchor_corrections
+
+    a0, a6, b3 = (np.zeros((4, 6), bool) for _ in range(3))
+    a0[0, 0] = a6[1:3, 1:4] = b3[2, 5] = True
+    anchors = {1: ((6, PackedMask.pack(a6)), (0, PackedMask.pack(a0))), 2: ((3, PackedMask.pack(b3)),)}
+    v = SessionView("task-1-x", 8, (4, 6), (1, 2), (None,) * 8, {}, anchors, (), (), 0.0)
+    got = anchor_corrections(v)
+    assert list(got) == [(6, 1)] and (got[(6, 1)].mask == a6).all() and got[(6, 1)].clicks == ()
