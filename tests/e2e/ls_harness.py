@@ -569,7 +569,8 @@ def save_annotation(page: Any, button: str, timeout_ms: int = 30_000) -> dict:
         page.click(f"button:has-text('{button}')")
     r = answer.value
     if not r.ok:
-        raise AssertionError(f"{button}: Label Studio answered {r.status} to {r.request.method} {r.url}: {r.text()[:300]}")
+        raise AssertionError(f"{button}: Label Studio answered {r.status} to {r.request.method} {r.url}: "
+                             f"{r.text()[:300]}")
     return r.json()
 
 

@@ -428,8 +428,16 @@ def test_video_journey(label_studio: LabelStudio, backend_server: Backend, ls_pa
     assert lags.count(0) >= ON_OBJECT_SHARE * len(lags), (
         f"after the correction the boxes are not on Label Studio's frames {later[0]}..{count}: "
         f"decoded frames early (-) or late (+): {lags}")
-    still = [k for k in before_jump if box_iou(boxes2[k - 1], truth[k - 1]) > ON_OBJECT_IOU]
-    assert len(still) >= ON_OBJECT_SHARE * len(before_jump), "the correction broke the frames before the jump"
+    # A correction after the jump must not undo the frames before it: a frame that was clearly on
+    # the object (IoU >= 0.8) may not end off it (IoU <= 0.5). None may: it was right, and nothing
+    # the user did concerns it (the tracker's own wavering stays between the two bounds).
+    undone = [(k, round(box_iou(boxes[k - 1], truth[k - 1]), 2), round(box_iou(boxes2[k - 1], truth[k - 1]), 2))
+              for k in before_jump if box_iou(boxes[k - 1], truth[k - 1]) >= 0.8
+              and box_iou(boxes2[k - 1], truth[k - 1]) <= ON_OBJECT_IOU]
+    assert not undone, (
+        f"the correction on frame {target} moved frames before the jump (frames 1..{before_jump[-1]}) off the "
+        f"object; (frame, IoU before, IoU after): {undone}\n--- backend log ---\n"
+        f"{backend_log_since(backend, offset)[-2000:]}")
 
     # 6. The prediction in the editor: reopen the task, pick the newest prediction, go to the frame.
     open_task(page, ls, project_id, task_id)
@@ -568,12 +576,14 @@ def test_image_sequence_journey(label_studio: LabelStudio, backend_server: Backe
     deadline = time.monotonic() + 10  # the editor turns the stroke into a region a moment after the release
     while not (painted := [r for r in editor_results(page)
                            if r["type"] == "brushlabels" and r.get("item_index") == target]):
-        assert time.monotonic() < deadline, f"painting on item {target + 1} made no brush region: {editor_results(page)}"
+        assert time.monotonic() < deadline, (
+            f"painting on item {target + 1} made no brush region: {editor_results(page)}")
         time.sleep(0.3)
     paint = np.zeros((H, W), bool)
     for r in painted:
         paint |= brush_mask(r)
-    assert mask_iou(paint, truth[target]) > 0.7, f"the paint covers the object at IoU {mask_iou(paint, truth[target]):.2f}"
+    assert mask_iou(paint, truth[target]) > 0.7, (
+        f"the paint covers the object at IoU {mask_iou(paint, truth[target]):.2f}")
     shot(page, shots, f"images-2-painted-item-{target + 1}")
     seen_ids = {p["id"] for p in predictions(ls, task_id)}
     offset = backend.log.stat().st_size
@@ -595,6 +605,11 @@ def test_image_sequence_journey(label_studio: LabelStudio, backend_server: Backe
     on = [i for i in later if ious2[i] > ON_OBJECT_IOU]
     assert len(on) >= ON_OBJECT_SHARE * len(later), (
         f"after the correction the masks are on the object on items {on} of {later}; IoU {np.round(ious2, 2)}")
+
+    undone = [(i, round(ious[i], 2), round(ious2[i], 2)) for i in range(ITEM_JUMP)
+              if ious[i] >= 0.8 and ious2[i] <= ON_OBJECT_IOU]
+    assert not undone, (f"the paint on item {target + 1} moved items before the jump off the object; "
+                        f"(item, IoU before, IoU after): {undone}")
 
     # 5. The prediction in the editor, on the corrected item.
     open_task(page, ls, project.id, task_id)
