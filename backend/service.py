@@ -48,7 +48,7 @@ from .labelconfig import LabelConfig, parse_label_config
 from .ls_io import LabelStudioIO, PostLedger, upstream_status
 from .notices import IMPORT, ConnectedProjects, Notice, Notifier, NotYet, notices_from
 from .settings import BackendSettings
-from .task_store import DiskViewStore, TaskState, TaskStore, ViewStore, video_key
+from .task_store import DiskViewStore, TaskState, TaskStore, ViewStore, anchor_corrections, video_key
 
 log = logging.getLogger(__name__)
 MAX_OBJECTS = 255  # index masks are 8-bit
@@ -384,9 +384,11 @@ class Service:
         task_id = int(task.get("id") or 0)
         with self.gate.interactive():
             state = self.tasks.held(task_id)
-            if state is None and self.views is not None and self.views.has(task, self.model_version):
+            if state is None and self.redis is not None and self.views.has(task, self.model_version):
                 # Workers made this task's masks: hold its frames here (no propagation) and answer
                 # from their view, which the held state keeps adopting as they store newer ones.
+                # (In-process, a task not held, after a restart, takes the cold path: decoding
+                # a long video whole inside the request is what that path avoids.)
                 state = self.tasks.held_or_build(task_id, lambda: self.build(task, cfg))
             if state is None:
                 return self._interactive_cold(task, cfg, results) or empty
@@ -443,8 +445,13 @@ class Service:
         if not corrections:
             return None
         answers = self._answers(task_id, view, frames, corrections)
+        # The job rebuilds the session from the task: it carries the corrections the stored masks
+        # hold (made before a restart, or by workers) with this one, and the next round's number.
+        stored = self.views.get(task, self.model_version)
+        earlier = anchor_corrections(stored[1]) if stored is not None else {}
         job_id = self.submit("correct", task, cfg.xml, len(frames) - min(t for t, _ in corrections),
-                             corrections=corrections)
+                             corrections={**earlier, **corrections},
+                             revision=(stored[2] + 1) if stored is not None else 0)
         log.info("task %s: not held here; answered frame(s) %s from %d frame(s) read, the rest queued (job %s)",
                  task_id, sorted({t + 1 for t, _ in corrections}), len(wanted), job_id)
         return {"result": as_drawn(convert.interactive_results(cfg, answers, objects, len(frames), fps, fmap),
