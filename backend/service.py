@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -53,6 +54,7 @@ from .task_store import DiskViewStore, TaskState, TaskStore, ViewStore, anchor_c
 log = logging.getLogger(__name__)
 MAX_OBJECTS = 255  # index masks are 8-bit
 MAX_INTERACTIVE_ANSWERS = 8  # refiner calls one interactive request may make
+ANSWERED_S = 120.0  # how long a /predict answer keeps a job from posting the same prediction
 
 
 def is_cuda_oom(exc: BaseException) -> bool:
@@ -99,6 +101,10 @@ class Service:
         self._refiner: Refiner | None = None
         self._refiner_lock = threading.Lock()
         self._sync_slot = threading.Semaphore(1)
+        self._sync_task: int | None = None  # the task the sync slot is propagating
+        # task id -> (start digest, monotonic time) of the last prediction answered in a /predict:
+        # Label Studio stores it, so a job that made the same one within ANSWERED_S posts nothing.
+        self._answered: OrderedDict[int, tuple[str, float]] = OrderedDict()
         self.gate = PriorityGate()
         self._frame_maps: weakref.WeakKeyDictionary[TaskState, FrameMap] = weakref.WeakKeyDictionary()
         # Projects that called /setup (webhooks are acted on for these only) and their configs.
@@ -351,12 +357,17 @@ class Service:
         n = self.media.declared_frames(task, cfg) if cfg.mode == "video" else len(
             (task.get("data") or {}).get(cfg.value_key) or [])
         fits = n is not None and n * max(1, len(regions)) * self.seconds_per_object_frame <= deadline - time.monotonic()
+        if self._sync_task == task_id:
+            # Label Studio asks twice for one task (on Submit): the request propagating it answers.
+            log.info("task %s: another request is propagating it; that answer brings the prediction", task_id)
+            return []
         if not fits or not self._sync_slot.acquire(blocking=False):
             # Too long for this request, or another request is propagating: the batch lane does
             # it, so the web threads stay free for interactive answers.
             job_id = self.submit("propagate", task, cfg.xml, n or 0)
             log.info("task %s: about %s frames run in the background (job %s)", task_id, n, job_id)
             return job_id
+        self._sync_task = task_id
         try:
             state = self.tasks.held_or_build(task_id, lambda: self.build(task, cfg), accept=lambda s: s.digest == digest)
             if state is None:
@@ -371,8 +382,14 @@ class Service:
             pred = self.prediction(state)
             # Stored like a job's (a restart, /tasks/<id>/masks and `ls export` find it); stamp 0: a job's are newer.
             self.views.put(task, self.model_version, 0.0, state.view, state.revision, pred, only_if_absent=True)
+            if state.revision == 0:
+                self._answered[task_id] = (digest, time.monotonic())
+                self._answered.move_to_end(task_id)
+                while len(self._answered) > 10000:
+                    self._answered.popitem(last=False)
             return pred
         finally:
+            self._sync_task = None
             self._sync_slot.release()
 
     # -- interactive answers and corrections -----------------------------------------------------
@@ -707,6 +724,14 @@ class Service:
             if self.views is not None:
                 self.views.put(spec.task, self.model_version, spec.submitted, state.view, state.revision, pred,
                                only_if_absent=spec.kind == "propagate")
+            answered = self._answered.get(state.task_id)
+            if (state.revision == 0 and answered is not None and answered[0] == state.digest
+                    and time.monotonic() - answered[1] < ANSWERED_S):
+                # Label Studio is storing this very prediction from a /predict answer (it may not
+                # show yet, so `unless_present` cannot see it): a second copy would be a second tab.
+                log.info("task %s: job %s made the prediction a /predict answered; not posted again", state.task_id,
+                         spec.key)
+                return {"posted": False, "review_frames": pred["review_frames"]}
             posted = self.ls.post_prediction(state.task_id, pred, job_id=spec.key,
                                              unless_present=spec.kind == "propagate")
             return {"posted": posted, "review_frames": pred["review_frames"]}

@@ -689,3 +689,22 @@ def json_copy(obj):
     import json
 
     return json.loads(json.dumps(obj))
+
+
+def test_one_prediction_reaches_label_studio_when_it_asks_twice(client, fake_ls, caplog):
+    """Label Studio asks /predict twice for one task on Submit: the twin request neither queues a
+    job nor answers, and a job that makes the prediction a /predict answered posts no copy."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="backend.service")
+    _, video = fake_ls
+    task = video_task(video, task_id=45)
+    client.model._sync_task = 45  # the first request is propagating it
+    r = predict(client, [task], VIDEO_CFG)
+    assert r.json["results"] == [[]] and "jobs" not in r.json and not client.model.jobs.jobs
+    client.model._sync_task = None
+    r = predict(client, [task], VIDEO_CFG)
+    assert r.json["results"][0]["result"]
+    client.model.submit("propagate", task, VIDEO_CFG, N)  # what the twin used to queue
+    wait_jobs(client)
+    assert posted_for(45) == [] and "not posted again" in caplog.text
