@@ -402,7 +402,18 @@ class LazySession:
                     if not b.any():
                         continue  # the backward pass lost the object: nothing to offer here
                     S_b = object_uncertainty(probs, b).S
-                    if S_b * (1.0 - w) < rec.objects[c].S * w:
+                    S_f = rec.objects[c].S
+                    if self.config.score == "combined":
+                        # S alone trusts a backward pass that kept its confidence after leaving
+                        # the object (through a cut or a jump): add F, which compares each mask
+                        # with the object's last human-made one, to both sides, as the triggers do.
+                        F_f = self.failure_scores.get(tau, {}).get(c)
+                        if F_f is not None:
+                            k = 1 + list(self.propagator.labels).index(c)
+                            F_b = self._failure(tau, c, failure.Frame.prepare(self.frames[tau]), b, probs[k])
+                            if F_b is not None:
+                                S_b, S_f = S_b + F_b, S_f + F_f
+                    if S_b * (1.0 - w) < S_f * w:
                         if rec.objects[c].forward is None:
                             rec.objects[c].forward = PackedMask.pack(mask == c)
                         _replace_object(mask, c, b)
