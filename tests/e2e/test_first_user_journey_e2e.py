@@ -361,6 +361,7 @@ def test_video_journey(label_studio: LabelStudio, backend_server: Backend, ls_pa
     after_submit = [p for p in predictions(ls, task_id) if any(r["type"] == "videorectangle" for r in p["result"])]
     print(f"[e2e journey] {tag}: {len(after_submit)} prediction(s) after one Submit: "
           f"{[(p['id'], p['model_version']) for p in after_submit]}")
+    assert len(after_submit) == 1, "one Submit, one prediction (Label Studio asks twice; a second copy is a second tab)"
     for p in after_submit[1:]:  # ``boxes`` ends as the newest: what the user has before correcting
         boxes = check_track(p, truth, truth_dec, shows, before_jump, count,
                             f"{fps} fps, prediction {p['id']} {p['model_version']}")
@@ -555,6 +556,7 @@ def test_image_sequence_journey(label_studio: LabelStudio, backend_server: Backe
         r["type"] == "brushlabels" for r in p["result"])]
     print(f"[e2e journey] images: {len(after_submit)} prediction(s) after one Submit: "
           f"{[(p['id'], p['model_version']) for p in after_submit]}")
+    assert len(after_submit) == 1, "one Submit, one prediction"
     for p in after_submit:  # ``masks`` ends as the newest: what the user has before correcting
         masks = item_masks(p)
         ious = [mask_iou(masks.get(i, empty), truth[i]) for i in range(N_ITEMS)]
