@@ -74,6 +74,7 @@ class LazyConfig:
     # look is not asked about over and over).
     tau_f: float | None = None
     tau_f_step: float = 0.5
+    veto_f: bool = False  # with "combined" and tau_f: F above tau_f also keeps the frame out of memory (UDU)
     failure_weights: tuple[tuple[str, float], ...] | None = None  # None: failure.DEFAULT_WEIGHTS
     measure_failure: bool = True  # compute F (for reports) even when the triggers do not use it
 
@@ -287,8 +288,9 @@ class LazySession:
             dS = None if prev is None else value - prev
             rec = ObjectRecord(label=label, area=u.area, S=u.S, dS=dS)
             objects[label] = rec
-            if cfg.udu and u.S > cfg.tau_m:
-                veto = True
+            if cfg.udu and (u.S > cfg.tau_m or (combined and cfg.veto_f and F is not None and cfg.tau_f is not None
+                                                and F > cfg.tau_f)):
+                veto = True  # with the failure score, a frame whose object looks lost stays out of memory
             if label in given_labels:
                 continue
             vanished = label in scores and scores[label] <= 0 and self._prev_present.get(label, False)

@@ -192,3 +192,34 @@ def test_deferred_correction_drops_the_failure_scores_it_recomputes():
     session.correct({(review[0], 1): Correction(mask=mask.copy())})
     assert session.failure_scores[n - 1][1] < before[1]
     assert set(session.failure_scores) == set(range(1, n))
+
+
+class Recording(Shrinking):
+    def __init__(self, *a) -> None:
+        super().__init__(*a)
+        self.writes: list[bool | None] = []
+
+    def reset(self) -> None:
+        super().reset()
+        self.writes = []
+
+    def commit(self, mask=None, write=None):
+        self.writes.append(write)
+        return super().commit(mask, write)
+
+
+def test_veto_on_the_failure_score_keeps_lost_frames_out_of_memory():
+    img, mask = scene()
+    n = 20
+    runs = {}
+    for veto_f in (False, True):
+        prop = Recording(img, mask, 20)
+        session = LazySession(prop, FramesOf(img, n), {0: mask.astype(np.uint8)},
+                              config=LazyConfig(pseudo=False, user=False, score="combined", tau_f=0.5, tau_m=9.0,
+                                                veto_f=veto_f))
+        session.run()
+        lost = [t for t in range(1, n) if session.failure_scores[t][1] > 0.5]
+        assert lost
+        runs[veto_f] = [prop.writes[t] for t in lost]
+    assert all(w is None for w in runs[False])  # the propagator's own schedule
+    assert all(w is False for w in runs[True])  # vetoed
