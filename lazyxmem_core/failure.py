@@ -40,9 +40,10 @@ WORK_SIDE = 320
 FEATURES: tuple[str, ...] = ("shrink", "growth", "left_behind", "foreign", "coverage", "fragments", "spill")
 # Weights of failure_score: fitted (bench/failure_fit.py: coordinate ascent of the pooled
 # Spearman of S + F with 1 - IoU) on the 10 development sequences and the 10 composites, without
-# interaction, embedded engine. Fitted on one fold and scored on the other, S + F reaches 0.89 on
-# the DAVIS sequences (S alone 0.64) and 0.86 on the composites (S alone 0.06). Every feature is
-# >= 0, so is the score; its scale is S's times about 5, so F dominates where the two disagree.
+# interaction, embedded engine (floor_logit -4). Fitted on one fold and scored on the other, S + F
+# reached 0.89 on the DAVIS sequences (S alone 0.64) and 0.86 on the composites (S alone 0.06);
+# with the current propagator (floor_logit -2.5) 0.75 (S 0.65) and 0.80 (S 0.08). Every feature
+# is >= 0, so is the score; its scale is S's times about 5, so F dominates where they disagree.
 DEFAULT_WEIGHTS: Mapping[str, float] = {
     "shrink": 0.5, "growth": 1.0, "left_behind": 1.0, "foreign": 4.0, "coverage": 8.0, "fragments": 0.0, "spill": 0.25,
 }

@@ -30,7 +30,7 @@ short-term state (mask to warp) always follows the committed mask. Cost per fram
 two flows, two distance transforms and affine fits per object, fixed-size histograms.
 
 Tuned on DAVIS 2016 (first-frame mask only): J&F 64.6, Spearman(S_c, 1-IoU) 0.65 and
-Spearman(S_c + F, 1-IoU) 0.92 (F: lazyxmem_core/failure.py); floor_logit chosen by
+Spearman(S_c + F, 1-IoU) 0.75 with F's weights cross-validated (F: lazyxmem_core/failure.py); floor_logit chosen by
 cross-validation over two folds of five sequences (bench/embedded_cv.py: -2.5 beats -4 on both
 folds; the CV estimate of the selection is J&F 62.4); about 11 fps at 854x480 on 2 cores.
 """
