@@ -555,7 +555,8 @@ class LazySession:
         self._fail_asks = dict(state["fail_asks"])
 
     def _reset_controller(self) -> None:
-        self._restore_controller({"prev_S": {}, "prev_area": {}, "prev_present": {}, "last_user": {}, "n_user": 0, "high_run": {}, "level_asks": {}, "fail_asks": {}})
+        self._restore_controller({"prev_S": {}, "prev_area": {}, "prev_present": {}, "last_user": {}, "n_user": 0,
+                                  "high_run": {}, "level_asks": {}, "fail_asks": {}})
 
     def _periodic(self, t: int) -> bool:
         return t == self.start or (t - self.start) % max(1, self.config.snapshot_every) == 0
