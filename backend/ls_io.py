@@ -98,6 +98,25 @@ class LabelStudioIO:
     def has_prediction(self, task_id: int, model_version: str) -> bool:
         return any(p.model_version == model_version for p in self.client().predictions.list(task=task_id))
 
+    def retire_older(self, task_id: int, keep: int | None) -> None:
+        """One prediction of ours per task stays current: the older ones this backend posted are
+        deleted once a newer one is in, except those an annotation was made from (Label Studio
+        records them as its ``parent_prediction``; the backend diffs the annotation against it).
+        Predictions of other models are never touched."""
+        if keep is None:
+            return
+        try:
+            parents = {a.get("parent_prediction") for a in self.task(task_id).get("annotations") or []}
+            older = [p.id for p in self.client().predictions.list(task=task_id)
+                     if p.id != keep and str(p.model_version or "").startswith("lazyxmem-") and p.id not in parents]
+            for pid in older:
+                self.client().predictions.delete(id=pid)
+        except Exception as exc:  # the new prediction is in; an old tab left over is not an error
+            log.info("task %s: older predictions not retired (%s)", task_id, upstream_status(exc) or type(exc).__name__)
+            return
+        if older:
+            log.info("task %s: prediction %s replaces %s", task_id, keep, ", ".join(map(str, older)))
+
     def post_prediction(self, task_id: int, pred: dict, job_id: str | None = None, unless_present: bool = False) -> bool:
         """Post ``pred`` for the task, once per job id.
 
@@ -110,9 +129,10 @@ class LabelStudioIO:
         version = pred["model_version"]
 
         def post() -> None:
-            self.client().predictions.create(task=task_id, result=pred["result"], score=pred["score"],
-                                             model_version=version)
+            made = self.client().predictions.create(task=task_id, result=pred["result"], score=pred["score"],
+                                                    model_version=version)
             log.info("task %s: posted prediction %s%s", task_id, version, f" (job {job_id})" if job_id else "")
+            self.retire_older(task_id, getattr(made, "id", None))
 
         if job_id is None:
             post()

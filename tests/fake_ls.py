@@ -17,6 +17,7 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
     posted: list[dict] = []
     records: dict[str, dict[int, dict]] = {"tasks": {}, "annotations": {}, "projects": {}, "predictions": {}}
     reads: list[str] = []  # API paths read, in order
+    deleted: list[int] = []  # prediction ids deleted
     lock = threading.Lock()
 
     def log_message(self, *args):
@@ -55,7 +56,8 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
             task = parse_qs(url.query).get("task", [None])[0]
             with self.lock:
                 preds = [{"id": i + 1, **p["json"]} for i, p in enumerate(self.posted)
-                         if p["path"].startswith("/api/predictions") and (task is None or str(p["json"].get("task")) == task)]
+                         if p["path"].startswith("/api/predictions") and (task is None or str(p["json"].get("task")) == task)
+                         and i + 1 not in self.deleted]
             self._json(200, preds)
             return
         if url.path.rstrip("/") == "/api/tasks":  # the SDK's tasks.list(project=...): pages until one is empty
@@ -70,6 +72,17 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body or b"")))
         self.end_headers()
         self.wfile.write(body or b"")
+
+    def do_DELETE(self):
+        parts = urlsplit(self.path).path.strip("/").split("/")
+        with self.lock:
+            if len(parts) == 3 and parts[:2] == ["api", "predictions"] and parts[2].isdigit():
+                self.deleted.append(int(parts[2]))
+                self.send_response(204)
+            else:
+                self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
     def do_POST(self):
         data = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
@@ -101,3 +114,4 @@ def forget_all() -> None:
     for kind in FakeLabelStudio.records.values():
         kind.clear()
     FakeLabelStudio.reads.clear()
+    FakeLabelStudio.deleted.clear()

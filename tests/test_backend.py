@@ -708,3 +708,39 @@ def test_one_prediction_reaches_label_studio_when_it_asks_twice(client, fake_ls,
     client.model.submit("propagate", task, VIDEO_CFG, N)  # what the twin used to queue
     wait_jobs(client)
     assert posted_for(45) == [] and "not posted again" in caplog.text
+
+
+def test_one_prediction_of_ours_stays_current_but_the_one_an_annotation_came_from_is_kept(client, fake_ls):
+    _, video = fake_ls
+    connect(client, 3, VIDEO_CFG)
+    task = video_task(video, task_id=46)
+    holds(task, 3)
+    assert notify(client, "ANNOTATION_CREATED", task=46, annotation=460).status_code == 202
+    wait_jobs(client)
+
+    def ours():
+        listed = FakeLabelStudio  # ids as the fake lists them: posts not deleted
+        return [i + 1 for i, p in enumerate(listed.posted) if p["path"].startswith("/api/predictions")
+                and p["json"].get("task") == 46 and i + 1 not in listed.deleted]
+
+    first = ours()
+    assert len(first) == 1
+    updated = json_copy(task["annotations"][0])
+    updated["result"][0]["value"]["sequence"].append(
+        {"frame": 9, "x": 10.0, "y": 20.0, "width": 30.0, "height": 40.0, "rotation": 0, "enabled": True})
+    holds({**task, "annotations": [updated]}, 3)
+    assert notify(client, "ANNOTATION_UPDATED", task=46, annotation=460).status_code == 202
+    wait_jobs(client)
+    second = ours()
+    assert len(second) == 1 and second != first and first[0] in FakeLabelStudio.deleted  # replaced
+    # The annotator copies the current prediction into an annotation: that one stays when a newer comes.
+    made_from = {"id": 461, "parent_prediction": second[0], "result": json_copy(updated["result"])}
+    made_from["result"][0]["value"]["sequence"].append(
+        {"frame": 12, "x": 40.0, "y": 20.0, "width": 30.0, "height": 40.0, "rotation": 0, "enabled": True})
+    FakeLabelStudio.records["predictions"][second[0]] = {"id": second[0], "task": 46, "model_version": "lazyxmem-x",
+                                                         "result": []}
+    holds({**task, "annotations": [updated, made_from]}, 3)
+    assert notify(client, "ANNOTATION_UPDATED", task=46, annotation=461).status_code == 202
+    wait_jobs(client)
+    third = ours()
+    assert second[0] in third and len(third) == 2, third
