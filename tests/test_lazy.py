@@ -407,6 +407,7 @@ def test_sustained_trigger_is_on_for_the_embedded_engine_and_can_be_switched_off
     # The embedded engine's sustained run is on S + F, the score its triggers use.
     assert lazy_config(embedded).tau_s == 5.0 and lazy_config(embedded).level_run == 15
     assert lazy_config(embedded).score == "combined" and LazyConfig().score == "S"
+    assert lazy_config(embedded).veto_f and not LazyConfig().veto_f
     assert lazy_config(embedded, sustained=False).tau_s is None
     p = argparse.ArgumentParser()
     _lazy_args(p)
