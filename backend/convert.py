@@ -3,17 +3,16 @@
 both ways: Label Studio counts at the config's frameRate, not at the video's own rate."""
 from __future__ import annotations
 
-from lazyxmem_core.errors import LazyXMemError
-
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
 
-from lazyxmem_core.types import Box, Click
+from lazyxmem_core.errors import LazyXMemError
+from lazyxmem_core.types import Box, Click, Correction
 
 from .checks import MAX_INDEX, check_brush, number, shown, whole
 from .frames import FrameMap
@@ -392,3 +391,25 @@ def interactive_results(cfg: LabelConfig, answers: dict[tuple[int, int], np.ndar
                         "type": "videorectangle",
                         "value": {"framesCount": fmap.ls_count, "labels": [names[value]], "sequence": [kf]}})
     return out
+
+
+def pct(box: Box, shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    """A pixel :class:`Box` as Label Studio's percent (x, y, width, height)."""
+    h, w = shape
+    return 100 * box.x0 / w, 100 * box.y0 / h, 100 * (box.x1 - box.x0) / w, 100 * (box.y1 - box.y0) / h
+
+
+def as_drawn(results: list[dict], corrections: Mapping[tuple[int, int], Correction], shape: tuple[int, int],
+             frames: FrameMap | None = None) -> list[dict]:
+    """Video answers keep the box the user drew on that frame (the mask it gives is what enters
+    the propagation): a box that came back as the mask's bounding box read as not taken."""
+    boxes = {key: c.box for key, c in corrections.items() if c.box is not None and c.mask is None and not c.clicks}
+    for r in results:
+        own = own_object(str(r.get("id", "")))
+        if r.get("type") != "videorectangle" or own is None:
+            continue
+        for k in r["value"]["sequence"]:
+            box = boxes.get((frames.to_video(k["frame"]) if frames is not None else k["frame"] - 1, own))
+            if box is not None:
+                k.update(zip(("x", "y", "width", "height"), pct(box, shape)))
+    return results

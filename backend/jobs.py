@@ -21,11 +21,13 @@ disk (:mod:`backend.journal`) and re-queued by :meth:`LocalQueue.resume` after a
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -211,6 +213,21 @@ class ProgressMeter:
             self._logged = now
 
 
+_EXITING = threading.Event()
+_QUEUES: weakref.WeakSet[LocalQueue] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_jobs(timeout_s: float = 30.0) -> None:
+    """At process exit, running in-process jobs stop at their next frame (journalled: the next
+    start resumes them) before the interpreter goes: a job thread still inside OpenCV when it
+    does makes the process abort (exit status 134) instead of exiting."""
+    _EXITING.set()
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and any(q.running() for q in list(_QUEUES)):
+        time.sleep(0.05)
+
+
 class LocalQueue:
     """In-process jobs, one thread per lane taking jobs fairly between projects (the default: no
     Redis needed). With a ``journal_dir``, queued and running jobs survive a restart: call
@@ -226,6 +243,12 @@ class LocalQueue:
         self._live: dict[str, _Live] = {}  # queued and running jobs: what runs them, how to stop them
         self._lock = threading.Lock()
         self._lanes = {lane: FairLane(lane, self._run) for lane in LANES}
+        self._running: set[str] = set()
+        _QUEUES.add(self)
+
+    def running(self) -> int:
+        with self._lock:
+            return len(self._running)
 
     def submit(self, spec: JobSpec, total: int) -> str:
         return self._add(spec, total, resumed=None)
@@ -296,16 +319,26 @@ class LocalQueue:
             if live.stop.is_set():  # canceled between its lane taking it and now
                 self._end(job_id, "canceled")
                 return
+            if _EXITING.is_set():  # the process is going: the journal keeps it for the next start
+                return
             job["status"], job["started"] = "running", time.time()
+            self._running.add(job_id)
             # Counted before it runs: a job that kills the process is dropped after JOB_RETRIES restarts.
             self._journal_add(job_id, live.spec, live.total, live.attempts + 1)
         spec = live.spec
-        meter = ProgressMeter(job_id, spec.task_id, live.total, publish=job.update, canceled=live.stop.is_set)
+        meter = ProgressMeter(job_id, spec.task_id, live.total, publish=job.update,
+                              canceled=lambda: live.stop.is_set() or _EXITING.is_set())
         error = None
         try:
             self.runner(spec, meter)
             status = "finished"
         except JobCanceled:
+            if not live.stop.is_set():  # stopped by the process exiting, not by a cancel
+                log.info("task %s: %s job %s interrupted by the exit after %d frames; journalled for the next start",
+                         spec.task_id, spec.kind, job_id, meter.done)
+                with self._lock:
+                    self._running.discard(job_id)
+                return
             log.info("task %s: %s job %s canceled after %d frames", spec.task_id, spec.kind, job_id, meter.done)
             status = "canceled"
         except Exception as exc:  # a failed job is reported, the server lives on
@@ -313,6 +346,7 @@ class LocalQueue:
             status, error = "failed", job_error(exc)
         job.update(done=meter.done, fps=meter.fps)
         with self._lock:
+            self._running.discard(job_id)
             self._end(job_id, status, error)
 
     def _end(self, job_id: str, status: str, error: str | None = None) -> None:

@@ -64,28 +64,6 @@ def is_cuda_oom(exc: BaseException) -> bool:
     return torch is not None and (isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc))
 
 
-def pct(box: Any, shape: tuple[int, int]) -> tuple[float, float, float, float]:
-    """A pixel :class:`Box` as Label Studio's percent (x, y, width, height)."""
-    h, w = shape
-    return 100 * box.x0 / w, 100 * box.y0 / h, 100 * (box.x1 - box.x0) / w, 100 * (box.y1 - box.y0) / h
-
-
-def as_drawn(results: list[dict], corrections: Corrections, shape: tuple[int, int],
-             frames: FrameMap | None = None) -> list[dict]:
-    """Video answers keep the box the user drew on that frame (the mask it gives is what enters
-    the propagation): a box that came back as the mask's bounding box read as not taken."""
-    boxes = {key: c.box for key, c in corrections.items() if c.box is not None and c.mask is None and not c.clicks}
-    for r in results:
-        own = convert.own_object(str(r.get("id", "")))
-        if r.get("type") != "videorectangle" or own is None:
-            continue
-        for k in r["value"]["sequence"]:
-            box = boxes.get((frames.to_video(k["frame"]) if frames is not None else k["frame"] - 1, own))
-            if box is not None:
-                k.update(zip(("x", "y", "width", "height"), pct(box, shape)))
-    return results
-
-
 class Service:
     def __init__(self, settings: BackendSettings | None = None) -> None:
         settings = settings or BackendSettings.from_env()
@@ -296,7 +274,7 @@ class Service:
                                                           self.frame_map(state)))
         for (t, value), corr in (state.corrections if sent else state.applied).items():
             if corr.box is not None and corr.mask is None and not corr.clicks:
-                drawn[(t, value)] = pct(corr.box, shape)
+                drawn[(t, value)] = convert.pct(corr.box, shape)
         return drawn
 
     def predict(self, tasks: list[dict], label_config: str, context: dict | None) -> tuple[list, dict[int, str]]:
@@ -419,7 +397,7 @@ class Service:
                 return empty
             answers = self._answers(task_id, view, state.frames, corrections)
             self.schedule_correction(state, corrections)
-        return {"result": as_drawn(convert.interactive_results(cfg, answers, state.objects, view.n_frames, state.fps,
+        return {"result": convert.as_drawn(convert.interactive_results(cfg, answers, state.objects, view.n_frames, state.fps,
                                                                fmap), corrections, view.shape, fmap),
                 "model_version": self.model_version}
 
@@ -471,7 +449,7 @@ class Service:
                              revision=(stored[2] + 1) if stored is not None else 0)
         log.info("task %s: not held here; answered frame(s) %s from %d frame(s) read, the rest queued (job %s)",
                  task_id, sorted({t + 1 for t, _ in corrections}), len(wanted), job_id)
-        return {"result": as_drawn(convert.interactive_results(cfg, answers, objects, len(frames), fps, fmap),
+        return {"result": convert.as_drawn(convert.interactive_results(cfg, answers, objects, len(frames), fps, fmap),
                                    corrections, (h, w), fmap),
                 "model_version": self.model_version}
 

@@ -390,3 +390,33 @@ def test_journal_round_trips_a_correction_job_with_its_masks(tmp_path):
     assert back.key == job.key and (total, attempts) == (12, 1) and back.revision == 2
     assert np.array_equal(back.corrections[(3, 1)].mask, mask) and back.corrections[(5, 2)].box == (1.0, 2.0, 5.0, 6.0)
     assert back.submitted == job.submitted and back.project == "2"
+
+
+def test_a_job_running_when_the_process_exits_stops_at_its_frame_and_resumes_at_the_next_start(tmp_path):
+    """Exiting with a job under way (inside native code between frames) used to abort the
+    process (status 134); now the job stops at its next frame, stays journalled and resumes."""
+    journal = tmp_path / "jobs"
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
+        from test_job_fairness import spec
+        from backend.jobs import LocalQueue
+
+        def runner(spec, progress):
+            for _ in range(10_000):
+                time.sleep(0.01)
+                progress(1)
+
+        queue = LocalQueue(runner, journal_dir={str(journal)!r})
+        queue.submit(spec(1, project=1), 10_000)
+        while not queue.running():
+            time.sleep(0.01)
+        print("running", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0 and "running" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+    assert len(list(journal.rglob("lx-*.job"))) == 1, "the interrupted job is kept for the next start"
+    runner = Runner(frames=2)
+    queue = LocalQueue(runner, journal_dir=str(journal))
+    (job_id,) = queue.resume()
+    assert wait_until(lambda: ended(queue, job_id), 10, job_id)["status"] == "finished"
