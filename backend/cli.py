@@ -13,31 +13,40 @@ from lazyxmem_core import cli as core_cli
 log = logging.getLogger("lazyxmem")
 
 
-def cmd_preannotate(args: argparse.Namespace) -> int:
-    """Queue every task of a project that carries regions, wait for the predictions to be posted."""
+def project_tasks(settings: Any, project_id: int) -> tuple[Any, list[dict]]:
+    """A project (its label config) and all its tasks, read from Label Studio with the backend's key;
+    an unreachable Label Studio or an unknown project is one clear error."""
     import httpx
     from label_studio_sdk.core.api_error import ApiError
-    from tqdm import tqdm
 
     from lazyxmem_core.errors import LazyXMemError
 
     from .ls_io import LabelStudioIO, PostLedger
+
+    client = LabelStudioIO(settings.ls_url, settings.api_key, PostLedger()).client()
+    try:
+        project = client.projects.get(id=project_id)
+        tasks = [t.model_dump(mode="json") if hasattr(t, "model_dump") else dict(t)
+                 for t in client.tasks.list(project=project_id, fields="all")]
+    except ApiError as exc:
+        raise LazyXMemError(f"Label Studio at {settings.ls_url} answered HTTP {exc.status_code} for project "
+                            f"{project_id}: {str(exc.body)[:200]}; check the project id and the API key") from None
+    except (httpx.HTTPError, OSError) as exc:
+        raise LazyXMemError(f"cannot reach Label Studio at {settings.ls_url} ({exc}): check LABEL_STUDIO_URL") from None
+    return project, tasks
+
+
+def cmd_preannotate(args: argparse.Namespace) -> int:
+    """Queue every task of a project that carries regions, wait for the predictions to be posted."""
+    from tqdm import tqdm
+
     from .service import Service
     from .settings import BackendSettings
 
     settings = BackendSettings.from_env()
     settings = replace(settings, ls_url=args.url or settings.ls_url, api_key=args.api_key or settings.api_key,
                        redis_url=args.redis_url or settings.redis_url)
-    client = LabelStudioIO(settings.ls_url, settings.api_key, PostLedger()).client()
-    try:
-        project = client.projects.get(id=args.project)
-        tasks = [t.model_dump(mode="json") if hasattr(t, "model_dump") else dict(t)
-                 for t in client.tasks.list(project=args.project, fields="all")]
-    except ApiError as exc:
-        raise LazyXMemError(f"Label Studio at {settings.ls_url} answered HTTP {exc.status_code} for project "
-                            f"{args.project}: {str(exc.body)[:200]}; check the project id and the API key") from None
-    except (httpx.HTTPError, OSError) as exc:
-        raise LazyXMemError(f"cannot reach Label Studio at {settings.ls_url} ({exc}): check LABEL_STUDIO_URL") from None
+    project, tasks = project_tasks(settings, args.project)
     # This command's own in-process queue takes the whole project (the bound protects a server's).
     model = Service(settings if settings.redis_url else
                     replace(settings, max_queued_per_project=max(settings.max_queued_per_project, len(tasks))))
@@ -71,15 +80,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write the masks of every task of a project, from the views the backend's jobs stored."""
     from pathlib import Path
 
-    import httpx
-    from label_studio_sdk.core.api_error import ApiError
     from tqdm import tqdm
 
     from lazyxmem_core.errors import LazyXMemError
 
     from . import export
     from .labelconfig import parse_label_config
-    from .ls_io import LabelStudioIO, PostLedger
     from .service import Service
     from .settings import BackendSettings
 
@@ -89,16 +95,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise LazyXMemError(f"--out {out} is a file: give a folder (it is created when missing)")
-    client = LabelStudioIO(settings.ls_url, settings.api_key, PostLedger()).client()
-    try:
-        project = client.projects.get(id=args.project)
-        tasks = [t.model_dump(mode="json") if hasattr(t, "model_dump") else dict(t)
-                 for t in client.tasks.list(project=args.project, fields="all")]
-    except ApiError as exc:
-        raise LazyXMemError(f"Label Studio at {settings.ls_url} answered HTTP {exc.status_code} for project "
-                            f"{args.project}: {str(exc.body)[:200]}; check the project id and the API key") from None
-    except (httpx.HTTPError, OSError) as exc:
-        raise LazyXMemError(f"cannot reach Label Studio at {settings.ls_url} ({exc}): check LABEL_STUDIO_URL") from None
+    project, tasks = project_tasks(settings, args.project)
     # The server's store: Redis when REDIS_URL is set, else CACHE_DIR/views (the same settings).
     model = Service(settings)
     cfg = parse_label_config(project.label_config) if args.recompute else None
