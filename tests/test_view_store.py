@@ -147,7 +147,8 @@ def test_writers_in_other_processes_keep_newer_stamp_wins(tmp_path):
     import multiprocessing
 
     stamps = [float(s) for s in range(1, 9)]
-    with multiprocessing.get_context("fork").Pool(4) as pool:
+    # spawn, not fork: a fork of this multi-threaded test process can copy a lock another thread holds
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
         pool.starmap(_put_in_process, [(str(tmp_path / "views"), s) for s in reversed(stamps)])
     stamp, got, revision = DiskViewStore(tmp_path / "views").get(task(), MODEL)
     assert stamp == 8.0 and revision == 8 and same(got, view(8))
