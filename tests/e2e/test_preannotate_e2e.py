@@ -79,7 +79,7 @@ def test_tasks_imported_with_regions_into_a_connected_project_are_preannotated(
     track = wait_for_track(ls, ids[0], 90, backend_log_since(backend_server, offset)[-3000:])
     frames = [k["frame"] for k in track["value"]["sequence"]]
     assert frames[0] == 1 and max(frames) >= N - 1, frames
-    log = wait_log(backend_server, offset, f"task {ids[0]}: ", ("posted prediction", "posts nothing"))
+    log = wait_log(backend_server, offset, f"task {ids[0]}: ", ("posted prediction", "posts nothing", "not posted again"))
     assert f"task {ids[0]}: imported; pre-annotation queued" in log
     assert f"task {ids[1]}: imported; no region to pre-annotate from" in wait_for_log(backend_server, offset,
                                                                                      f"task {ids[1]}: imported")
