@@ -202,7 +202,9 @@ class Notifier:
                 self.handle(notice)
             except NotYet:
                 with self._cond:
-                    if notice.attempt < len(self.retry_delays) and notice.key not in self._keys:
+                    if notice.key in self._keys:
+                        pass  # the same notice came again meanwhile: that one is looked up
+                    elif notice.attempt < len(self.retry_delays):
                         self._push(Notice(notice.kind, notice.project, notice.task, notice.annotation,
                                           notice.attempt + 1), self.retry_delays[notice.attempt])
                     else:

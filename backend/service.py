@@ -551,6 +551,13 @@ class Service:
             log.warning("task %s: webhook named project %s, but the task is in project %s%s; dropped", notice.task,
                         notice.project, project, "" if project in self.projects else " (not connected)")
             return
+        try:
+            self._act_on(notice, task, annotation, project)
+        except LazyXMemError as exc:  # a task or config this backend cannot serve: said, no traceback
+            log.warning("task %s: %s webhook: %s", notice.task, notice.kind, safe_message(str(exc)))
+
+    def _act_on(self, notice: Notice, task: dict, annotation: dict | None, project: int) -> None:
+        """What a checked notice asks for: an imported task pre-annotated, an annotation taken in."""
         cfg = parse_label_config(self.project_config(project))
         if annotation is None:
             outcome, what = self.preannotate_one(task, cfg.xml)
