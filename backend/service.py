@@ -19,7 +19,6 @@ import logging
 import sys
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
@@ -84,7 +83,6 @@ class Service:
         # Label Studio stores it, so a job that made the same one within ANSWERED_S posts nothing.
         self._answered: OrderedDict[int, tuple[str, float]] = OrderedDict()
         self.gate = PriorityGate()
-        self._frame_maps: weakref.WeakKeyDictionary[TaskState, FrameMap] = weakref.WeakKeyDictionary()
         # Projects that called /setup (webhooks are acted on for these only) and their configs.
         self.projects = ConnectedProjects(Path(settings.cache_dir) / "projects.json", self.redis)
         self._project_configs: dict[int, tuple[float, str]] = {}  # read back from Label Studio
@@ -162,10 +160,7 @@ class Service:
         key = video_key(task)
         given, objects = self.initial_masks(frames, prompts, task_id, key)
         session = self.new_session(frames, given, key)
-        state = TaskState(task_id, cfg, frames, objects, session, fps, task=task, view=session.view())
-        if fmap is not None:
-            self._frame_maps[state] = fmap
-        return state
+        return TaskState(task_id, cfg, frames, objects, session, fps, task=task, view=session.view(), frame_map=fmap)
 
     @staticmethod
     def task_map(task: dict, cfg: LabelConfig, fps: float, n: int) -> FrameMap | None:
@@ -174,15 +169,6 @@ class Service:
         if cfg.mode != "video":
             return None
         return task_frame_map(cfg.frame_rate_attr, task.get("data"), fps, n, task.get("id"))
-
-    def frame_map(self, state: TaskState) -> FrameMap | None:
-        """The task's frame map, made once per held state."""
-        if state.cfg.mode != "video":
-            return None
-        fmap = self._frame_maps.get(state)
-        if fmap is None:
-            fmap = self._frame_maps[state] = self.task_map(state.task, state.cfg, state.fps, len(state.frames))
-        return fmap
 
     def _stepper(self, state: TaskState, progress: Progress | None) -> Callable[[int], None]:
         """The per-frame callback of a propagation: progress, the view published once a second
@@ -252,7 +238,7 @@ class Service:
         masks = view.frame_masks()
         review = [t + 1 for t in view.review]
         if state.cfg.mode == "video":
-            fmap = self.frame_map(state)
+            fmap = state.frame_map
             result = convert.video_results(state.cfg, masks, state.objects, view.review, view.pseudo, state.fps,
                                            frames=fmap, drawn=self.drawn_boxes(state, view.shape, view.n_frames))
             if fmap is not None:  # in Label Studio's numbering, as the timeline shows them
@@ -271,7 +257,7 @@ class Service:
         corrected box that came back otherwise read as ignored)."""
         h, w = shape
         drawn = convert.drawn_boxes(edits.initial_prompts(initial_regions(state.task), state.cfg, (w, h), n,
-                                                          self.frame_map(state)))
+                                                          state.frame_map))
         for (t, value), corr in (state.corrections if sent else state.applied).items():
             if corr.box is not None and corr.mask is None and not corr.clicks:
                 drawn[(t, value)] = convert.pct(corr.box, shape)
@@ -332,13 +318,13 @@ class Service:
             job_id = self.submit("propagate", task, cfg.xml, 0)
             log.info("task %s: past this request's SYNC_BUDGET_S; queued unread (job %s)", task_id, job_id)
             return job_id
-        n = self.media.declared_frames(task, cfg) if cfg.mode == "video" else len(
-            (task.get("data") or {}).get(cfg.value_key) or [])
-        fits = n is not None and n * max(1, len(regions)) * self.seconds_per_object_frame <= deadline - time.monotonic()
         if self._sync_task == task_id:
             # Label Studio asks twice for one task (on Submit): the request propagating it answers.
             log.info("task %s: another request is propagating it; that answer brings the prediction", task_id)
             return []
+        n = self.media.declared_frames(task, cfg) if cfg.mode == "video" else len(
+            (task.get("data") or {}).get(cfg.value_key) or [])
+        fits = n is not None and n * max(1, len(regions)) * self.seconds_per_object_frame <= deadline - time.monotonic()
         if not fits or not self._sync_slot.acquire(blocking=False):
             # Too long for this request, or another request is propagating: the batch lane does
             # it, so the web threads stay free for interactive answers.
@@ -389,7 +375,7 @@ class Service:
                 return self._interactive_cold(task, cfg, results) or empty
             self.adopt_stored(state)
             view = state.view
-            fmap = self.frame_map(state)
+            fmap = state.frame_map
             corrections = edits.interactive_corrections(cfg, state.objects, view.frame_masks(), results,
                                                         self.drawn_boxes(state, view.shape, view.n_frames, sent=True),
                                                         fmap)
@@ -629,7 +615,7 @@ class Service:
             return {"status": "rebuilding", "job": job}
         corrections = edits.annotation_corrections(cfg, state.objects, state.masks(), edited,
                                                    self.drawn_boxes(state, state.view.shape, state.view.n_frames, sent=True),
-                                                   self.frame_map(state))
+                                                   state.frame_map)
         if not corrections:
             log.info("task %s: annotation %s changes no frame; nothing to re-propagate", task_id, annotation.get("id"))
             return {"status": "no change"}
@@ -700,7 +686,7 @@ class Service:
                 if initial_regions(spec.task) != (spec.annotation or {}).get("result"):
                     corrections = edits.annotation_corrections(cfg, state.objects, state.masks(), spec.annotation or {},
                                                                self.drawn_boxes(state, state.view.shape, state.view.n_frames),
-                                                               self.frame_map(state))
+                                                               state.frame_map)
                     if not corrections:
                         log.info("task %s: the annotation changes no frame; nothing to re-propagate", spec.task_id)
                         return {"posted": False, "frames": []}

@@ -46,6 +46,7 @@ from lazyxmem_core.session_view import SessionView, ViewMasks
 from lazyxmem_core.types import Correction
 
 from .edits import start_digest
+from .frames import FrameMap
 from .labelconfig import LabelConfig
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class TaskState:
     applied: dict[tuple[int, int], Correction] = field(default_factory=dict)  # in this session
     rounds: int = 0  # correction rounds sent
     stamp: float = -1.0  # with workers: submission time of the job whose view this is
+    frame_map: FrameMap | None = None  # video: how Label Studio numbers its frames (backend.frames)
     write_lock: threading.RLock = field(default_factory=threading.RLock)
     meta_lock: threading.Lock = field(default_factory=threading.Lock)
 
