@@ -58,19 +58,10 @@ def start_digest(task: dict) -> str:
 
 def moved_start(start: list[dict], results: list[dict]) -> bool:
     """Whether ``results`` move where one of the ``start`` regions starts (the same region id,
-    another first keyframe or first item)."""
-    before = {str(r.get("id")): r for r in start_regions(start) if isinstance(r, dict)}
-    for r in start_regions(results):
-        old = before.get(str(r.get("id"))) if isinstance(r, dict) else None
-        if old is None:
-            continue
-        if r.get("type") == "videorectangle":
-            a, b = (r.get("value") or {}).get("sequence") or [], (old.get("value") or {}).get("sequence") or []
-            if len(a) != len(b) or (a and (a[0].get("frame") != b[0].get("frame") or not _same_keyframe(a[0], b[0]))):
-                return True
-        elif r.get("item_index") == old.get("item_index") and r.get("value") != old.get("value"):
-            return True
-    return False
+    another first keyframe or item)."""
+    ids = {str(r.get("id")) for r in start if isinstance(r, dict)}
+    again = [r for r in start_regions(results) if isinstance(r, dict) and str(r.get("id")) in ids]
+    return bool(edited_since(start_regions(start), again))
 
 
 def _same_keyframe(a: dict, b: dict) -> bool:
