@@ -79,6 +79,7 @@ class Service:
         self._refiner_lock = threading.Lock()
         self._sync_slot = threading.Semaphore(1)
         self._sync_task: int | None = None  # the task the sync slot is propagating
+        self._sync_lock = threading.Lock()
         # task id -> (start digest, monotonic time) of the last prediction answered in a /predict:
         # Label Studio stores it, so a job that made the same one within ANSWERED_S posts nothing.
         self._answered: OrderedDict[int, tuple[str, float]] = OrderedDict()
@@ -318,20 +319,23 @@ class Service:
             job_id = self.submit("propagate", task, cfg.xml, 0)
             log.info("task %s: past this request's SYNC_BUDGET_S; queued unread (job %s)", task_id, job_id)
             return job_id
-        if self._sync_task == task_id:
-            # Label Studio asks twice for one task (on Submit): the request propagating it answers.
-            log.info("task %s: another request is propagating it; that answer brings the prediction", task_id)
-            return []
         n = self.media.declared_frames(task, cfg) if cfg.mode == "video" else len(
             (task.get("data") or {}).get(cfg.value_key) or [])
         fits = n is not None and n * max(1, len(regions)) * self.seconds_per_object_frame <= deadline - time.monotonic()
-        if not fits or not self._sync_slot.acquire(blocking=False):
+        with self._sync_lock:  # the twin check and taking the slot are one step: no request slips between
+            if self._sync_task == task_id:
+                # Label Studio asks twice for one task (on Submit): the request propagating it answers.
+                log.info("task %s: another request is propagating it; that answer brings the prediction", task_id)
+                return []
+            took = fits and self._sync_slot.acquire(blocking=False)
+            if took:
+                self._sync_task = task_id
+        if not took:
             # Too long for this request, or another request is propagating: the batch lane does
             # it, so the web threads stay free for interactive answers.
             job_id = self.submit("propagate", task, cfg.xml, n or 0)
             log.info("task %s: about %s frames run in the background (job %s)", task_id, n, job_id)
             return job_id
-        self._sync_task = task_id
         try:
             state = self.tasks.held_or_build(task_id, lambda: self.build(task, cfg), accept=lambda s: s.digest == digest)
             if state is None:
@@ -696,8 +700,10 @@ class Service:
                 self.views.put(spec.task, self.model_version, spec.submitted, state.view, state.revision, pred,
                                only_if_absent=spec.kind == "propagate")
             answered = self._answered.get(state.task_id)
-            if (state.revision == 0 and answered is not None and answered[0] == state.digest
-                    and time.monotonic() - answered[1] < ANSWERED_S):
+            # A request propagating this task right now answers with this prediction (it marks
+            # it answered before it lets go of the task), or one answered it a moment ago.
+            if state.revision == 0 and (self._sync_task == state.task_id or (
+                    answered is not None and answered[0] == state.digest and time.monotonic() - answered[1] < ANSWERED_S)):
                 # Label Studio is storing this very prediction from a /predict answer (it may not
                 # show yet, so `unless_present` cannot see it): a second copy would be a second tab.
                 log.info("task %s: job %s made the prediction a /predict answered; not posted again", state.task_id,
