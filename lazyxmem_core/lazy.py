@@ -531,7 +531,18 @@ class LazySession:
             anchors={v: tuple(sorted(a.items())) for v, a in self._anchors.items()},
             review=tuple(self.review_frames),
             pseudo=tuple(r.index for r in records if r.decision is Decision.PSEUDO),
-            score=round(1.0 - float(np.mean(S)), 4) if S else 0.0)
+            score=round(1.0 - float(np.mean(S)), 4) if S else 0.0,
+            uncertainty={v: tuple(self._object_score(v, extra, t) for t in range(len(self.frames))) for v in labels},
+            requests={v: tuple(r.index for r in records if v in r.objects and r.objects[v].decision is Decision.USER
+                               and not r.objects[v].answered) for v in labels})
+
+    def _object_score(self, label: int, extra: Mapping[int, Mapping[int, float]], t: int) -> float | None:
+        """Object ``label``'s trigger score on frame ``t`` (S, or S + F), None where it is not seen."""
+        rec = self.records.get(t)
+        o = None if rec is None else rec.objects.get(label)
+        if o is None or o.area <= 0:
+            return None
+        return round(min(1.0, o.S + extra.get(t, {}).get(label, 0.0)), 4)
 
     def preview(self, t: int, label: int, corr: Correction) -> np.ndarray:
         """The mask ``corr`` gives object ``label`` on frame ``t`` now, without re-propagating:

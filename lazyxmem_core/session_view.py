@@ -17,7 +17,7 @@ import io
 import json
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -106,6 +106,11 @@ class SessionView:
     review: tuple[int, ...]  # frames with an unanswered user request
     pseudo: tuple[int, ...]  # frames the controller corrected itself
     score: float  # 1 - mean masked entropy over the visible object-frames (higher: more certain)
+    # label -> per-frame uncertainty of the object (the score the triggers use; None: not reached,
+    # or the object is absent there); what the reviewer's ordered list is made from.
+    uncertainty: Mapping[int, tuple[float | None, ...]] = field(default_factory=dict)
+    # label -> frames where that object's correction was asked and not answered (``review`` is their union)
+    requests: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -155,7 +160,9 @@ class SessionView:
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:  # members are zlib-packed already
             meta = {"video_key": self.video_key, "n_frames": self.n_frames, "shape": list(self.shape),
                     "labels": list(self.labels), "review": list(self.review), "pseudo": list(self.pseudo),
-                    "score": self.score}
+                    "score": self.score,
+                    "uncertainty": {str(k): list(v) for k, v in self.uncertainty.items()},
+                    "requests": {str(k): list(v) for k, v in self.requests.items()}}
             zf.writestr("meta.json", json.dumps(meta))
             for t, p in enumerate(self.masks):
                 if p is not None:
@@ -188,7 +195,9 @@ class SessionView:
                     anchors.setdefault(idx[1], []).append((idx[0], p))
         return cls(meta["video_key"], meta["n_frames"], tuple(meta["shape"]), tuple(meta["labels"]),
                    tuple(masks), forward, {k: tuple(sorted(v, key=lambda e: e[0])) for k, v in anchors.items()},
-                   tuple(meta["review"]), tuple(meta["pseudo"]), float(meta["score"]))
+                   tuple(meta["review"]), tuple(meta["pseudo"]), float(meta["score"]),
+                   {int(k): tuple(v) for k, v in meta.get("uncertainty", {}).items()},
+                   {int(k): tuple(v) for k, v in meta.get("requests", {}).items()})
 
 
 def _name(kind: str, p: PackedMask, *where: int) -> str:

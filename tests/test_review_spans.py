@@ -1,0 +1,59 @@
+"""The reviewer's ordered list: spans of doubtful frames per object, most uncertain first."""
+from __future__ import annotations
+
+import numpy as np
+
+from lazyxmem_core.review import review_spans
+from lazyxmem_core.session_view import SessionView
+from lazyxmem_core.types import PackedMask
+
+
+def view(uncertainty: dict[int, list[float | None]], requests: dict[int, tuple[int, ...]] = {},
+         anchors: dict[int, tuple[int, ...]] = {}) -> SessionView:
+    n = len(next(iter(uncertainty.values())))
+    empty = PackedMask.pack(np.zeros((4, 4), np.uint8))
+    return SessionView(None, n, (4, 4), tuple(sorted(uncertainty)), (empty,) * n, {},
+                       {k: tuple((t, empty) for t in ts) for k, ts in anchors.items()},
+                       tuple(sorted({t for ts in requests.values() for t in ts})), (), 0.5,
+                       {k: tuple(v) for k, v in uncertainty.items()}, dict(requests))
+
+
+def test_a_drift_is_one_span_around_its_peak_and_stops_at_the_anchor():
+    u = [0.02] * 40
+    u[20:31] = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.7, 0.6, 0.5, 0.45, 0.41]  # a slow loss, peak on 25
+    spans = review_spans(view({1: u}, anchors={1: (0, 29)}), per_object=1)
+    assert len(spans) == 1
+    s = spans[0]
+    assert (s.label, s.peak, s.uncertainty) == (1, 25, 0.8)
+    assert s.start == 21 and s.end == 28, s  # >= 0.4 (half the peak) left of it; stops before anchor 29
+    assert not s.requested
+
+
+def test_requests_always_get_a_span_and_spans_come_most_uncertain_first():
+    u = [0.02] * 60
+    u[10] = 0.2   # asked by the controller, but not the most uncertain
+    u[40] = 0.9
+    u[50] = 0.6
+    spans = review_spans(view({1: u}, requests={1: (10,)}), per_object=2)
+    assert [s.peak for s in spans] == [40, 10]  # the request stays past per_object's second slot
+    assert [s.requested for s in spans] == [False, True]
+    for s in spans:  # a lone frame becomes a span a timeline can show
+        assert s.end - s.start + 1 >= 5 and s.start <= s.peak <= s.end
+
+
+def test_objects_listed_separately_and_a_certain_object_gets_nothing():
+    a = [0.01] * 30
+    b = [None] * 5 + [0.5] * 25  # enters on frame 5, doubtful throughout
+    spans = review_spans(view({1: a, 2: b}), per_object=3, max_frames=10)
+    assert {s.label for s in spans} == {2}
+    assert all(s.end - s.start + 1 <= 10 and s.start >= 5 for s in spans)
+    covered = [t for s in spans for t in range(s.start, s.end + 1)]
+    assert len(covered) == len(set(covered)), "spans of one object never overlap"
+
+
+def test_spans_survive_the_bytes_a_worker_hands_over():
+    u = {1: [0.1, None, 0.7, 0.2], 3: [None, None, 0.3, 0.3]}
+    v = view(u, requests={1: (2,)})
+    back = SessionView.from_bytes(v.to_bytes())
+    assert back.uncertainty == v.uncertainty and back.requests == v.requests
+    assert review_spans(back) == review_spans(v)
