@@ -75,6 +75,14 @@ class LazyConfig:
     tau_f: float | None = None
     tau_f_step: float = 0.5
     veto_f: bool = False  # with "combined" and tau_f: F above tau_f also keeps the frame out of memory (UDU)
+    # With "combined", also ask when F has stayed high for a while: the excess of F over fi_floor,
+    # summed over the frames since the object's last request or human-made mask, passes tau_fi
+    # (None: never). A loss that F sees only moderately (F hovering between fi_floor and tau_f
+    # for tens of frames) is asked about once it has cost enough frames; a short spike is not.
+    # Each such request for an object doubles the sum it needs next, so the requests stay a
+    # vanishing share of a long video.
+    tau_fi: float | None = None
+    fi_floor: float = 2.0
     failure_weights: tuple[tuple[str, float], ...] | None = None  # None: failure.DEFAULT_WEIGHTS
     measure_failure: bool = True  # compute F (for reports) even when the triggers do not use it
 
@@ -158,6 +166,8 @@ class LazySession:
         self._high_run: dict[int, int] = {}  # label -> frames in a row with S above tau_s
         self._level_asks: dict[int, int] = {}  # label -> requests made by the sustained trigger
         self._fail_asks: dict[int, int] = {}  # label -> requests made by the failure trigger (tau_f)
+        self._fail_sum: dict[int, float] = {}  # label -> excess of F over fi_floor since its last request
+        self._fi_asks: dict[int, int] = {}  # label -> requests made by the integrated failure trigger (tau_fi)
         # frame -> label -> failure score F (objects with an anchor before the frame), and the
         # figures it was weighed from: what reports correlate with the error.
         self.failure_scores: dict[int, dict[int, float]] = {}
@@ -347,6 +357,7 @@ class LazySession:
                 # run of high S starts again.
                 self._prev_S.pop(label, None)
                 self._high_run.pop(label, None)
+                self._fail_sum.pop(label, None)  # ... and so does the sum of F's excess (a new anchor)
             else:
                 self._prev_S[label] = rec.S + (self.failure_scores.get(t, {}).get(label, 0.0) if combined else 0.0)
             self._prev_area[label] = rec.area
@@ -469,6 +480,12 @@ class LazySession:
             if F > cfg.tau_f + cfg.tau_f_step * asked and self._user_allowed(t, label):
                 self._fail_asks[label] = asked + 1
                 return self._count_user(t, label)
+        if cfg.user and cfg.tau_fi is not None and F is not None:
+            total = self._fail_sum[label] = self._fail_sum.get(label, 0.0) + max(0.0, F - cfg.fi_floor)
+            asked = self._fi_asks.get(label, 0)
+            if total > cfg.tau_fi * 2 ** asked and self._user_allowed(t, label):
+                self._fi_asks[label] = asked + 1
+                return self._count_user(t, label)
         if cfg.detect_loss and vanished and self._user_allowed(t, label):
             return self._count_user(t, label)  # the propagator itself says the object just went
         prev_area = self._prev_area.get(label, 0)
@@ -490,6 +507,7 @@ class LazySession:
         self._n_user += 1
         self._last_user[label] = t
         self._high_run[label] = 0
+        self._fail_sum[label] = 0.0  # F is measured against the correction from now on
         return Decision.USER
 
     def _user_correction(self, t: int, label: int, frame: np.ndarray, output: np.ndarray, rec: ObjectRecord) -> Correction | None:
@@ -553,7 +571,8 @@ class LazySession:
     def _controller_state(self) -> dict[str, Any]:
         return {"prev_S": dict(self._prev_S), "prev_area": dict(self._prev_area),
                 "prev_present": dict(self._prev_present), "last_user": dict(self._last_user), "n_user": self._n_user, "high_run": dict(self._high_run),
-                "level_asks": dict(self._level_asks), "fail_asks": dict(self._fail_asks)}
+                "level_asks": dict(self._level_asks), "fail_asks": dict(self._fail_asks),
+                "fail_sum": dict(self._fail_sum), "fi_asks": dict(self._fi_asks)}
 
     def _restore_controller(self, state: dict[str, Any]) -> None:
         self._prev_S = dict(state["prev_S"])
@@ -564,10 +583,13 @@ class LazySession:
         self._high_run = dict(state["high_run"])
         self._level_asks = dict(state["level_asks"])
         self._fail_asks = dict(state["fail_asks"])
+        self._fail_sum = dict(state["fail_sum"])
+        self._fi_asks = dict(state["fi_asks"])
 
     def _reset_controller(self) -> None:
         self._restore_controller({"prev_S": {}, "prev_area": {}, "prev_present": {}, "last_user": {}, "n_user": 0,
-                                  "high_run": {}, "level_asks": {}, "fail_asks": {}})
+                                  "high_run": {}, "level_asks": {}, "fail_asks": {},
+                                  "fail_sum": {}, "fi_asks": {}})
 
     def _periodic(self, t: int) -> bool:
         return t == self.start or (t - self.start) % max(1, self.config.snapshot_every) == 0

@@ -223,3 +223,48 @@ def test_veto_on_the_failure_score_keeps_lost_frames_out_of_memory():
         runs[veto_f] = [prop.writes[t] for t in lost]
     assert all(w is None for w in runs[False])  # the propagator's own schedule
     assert all(w is False for w in runs[True])  # vetoed
+
+
+def test_integrated_failure_trigger_asks_once_the_summed_excess_passes_and_doubles_the_bar():
+    img, mask = scene()
+    n = 60
+    given = {0: mask.astype(np.uint8)}
+    base = dict(pseudo=False, udu=False, tau_u=5.0, tau_s=None, score="combined")
+    # Without the trigger: F's trace of the slow loss, and no request.
+    plain = LazySession(Shrinking(img, mask, 20), FramesOf(img, n), given, config=LazyConfig(**base),
+                        user=whole_object(mask))
+    plain.run()
+    assert not any(o.decision is Decision.USER for r in plain.records.values() for o in r.objects.values())
+    F = [plain.failure_scores[t][1] for t in range(1, n)]
+    floor, bar = 0.3, 2.0
+    total, expected = 0.0, None
+    for t, f in enumerate(F, start=1):
+        total += max(0.0, f - floor)
+        if total > bar:
+            expected = t
+            break
+    assert expected is not None and expected > 1 + int(np.argmax(np.asarray(F) > floor))  # a sum, not a bar
+
+    session = LazySession(Shrinking(img, mask, 20), FramesOf(img, n), given,
+                          config=LazyConfig(**base, tau_fi=bar, fi_floor=floor), user=whole_object(mask))
+    session.run()
+    asked = [t for t, r in sorted(session.records.items()) if r.objects[1].decision is Decision.USER]
+    assert asked[0] == expected
+    assert len(asked) >= 2
+    # The sum starts again at each request (F against the correction), and the next one needs twice as much.
+    second = sum(max(0.0, session.failure_scores[t][1] - floor) for t in range(asked[0] + 1, asked[1] + 1))
+    assert second > 2 * bar
+    assert sum(max(0.0, session.failure_scores[t][1] - floor) for t in range(asked[0] + 1, asked[1])) <= 2 * bar
+    assert asked[1] - asked[0] > asked[0]  # the slower bar spaces the requests out
+
+    # Deferred: the same requests become review frames, and a correction replays the same way.
+    deferred = LazySession(Shrinking(img, mask, 20), FramesOf(img, n), given,
+                           config=LazyConfig(**base, tau_fi=bar, fi_floor=floor))
+    deferred.run()
+    assert deferred.review_frames[0] == expected
+    from lazyxmem_core import Correction
+
+    deferred.correct({(expected, 1): Correction(mask=mask.copy())})
+    nxt = deferred.review_frames[0]
+    assert nxt > expected + 1  # the corrected mask starts the sum again
+    assert sum(max(0.0, deferred.failure_scores[t][1] - floor) for t in range(expected + 1, nxt + 1)) > bar
