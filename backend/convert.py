@@ -12,6 +12,7 @@ import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
 
 from lazyxmem_core.errors import LazyXMemError
+from lazyxmem_core.review import ReviewSpan
 from lazyxmem_core.types import Box, Click, Correction
 
 from .checks import MAX_INDEX, check_brush, number, shown, whole
@@ -284,10 +285,12 @@ def frame_ranges(frames: Iterable[int]) -> list[dict]:
 
 
 def video_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequence[tuple[int, str]],
-                  review: Iterable[int], pseudo: Iterable[int], fps: float, tolerance: float = 0.5,
+                  spans: Sequence[ReviewSpan], pseudo: Iterable[int], fps: float, tolerance: float = 0.5,
                   frames: FrameMap | None = None,
                   drawn: dict[tuple[int, int], tuple[float, float, float, float]] | None = None) -> list[dict]:
-    """VideoRectangle tracks per object and TimelineLabels spans for review / auto-corrected frames.
+    """VideoRectangle tracks per object, a "Needs review" TimelineLabels region per review span (in
+    the spans' order, with its note when the config has a per-region TextArea) and one
+    "Auto-corrected" region.
 
     masks: index masks for every decoded frame (frames before an object's start are simply empty).
     objects: (core label value, label text) pairs.
@@ -317,19 +320,42 @@ def video_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequen
                     "type": "videorectangle", "origin": "prediction",
                     "value": {"framesCount": fmap.ls_count, "duration": round(fmap.duration, 4), "labels": [text],
                               "sequence": seq}})
-    if cfg.review is not None:
-        for name, marked in ((REVIEW_LABEL, review), (AUTO_LABEL, pseudo)):
-            ranges = frame_ranges(fmap.ls_frames_of(list(marked)))
-            if ranges and name in cfg.review.labels:
-                out.append({"id": f"lazyxmem-{'review' if name == REVIEW_LABEL else 'auto'}",
-                            "from_name": cfg.review.name, "to_name": cfg.object_tag, "type": "timelinelabels",
-                            "value": {"ranges": ranges, "timelinelabels": [name]}})
+    names = dict(objects)
+    if cfg.review is not None and REVIEW_LABEL in cfg.review.labels:
+        for k, span in enumerate(spans):
+            shown = fmap.ls_frames_of(list(range(span.start, span.end + 1)))
+            first, last = min(shown) + 1, max(shown) + 1
+            peak = fmap.ls_frames_of([span.peak])[0] + 1
+            rid = f"lazyxmem-review-{span.label}-{k}"
+            out.append({"id": rid, "from_name": cfg.review.name, "to_name": cfg.object_tag, "type": "timelinelabels",
+                        "value": {"ranges": [{"start": first, "end": last}], "timelinelabels": [REVIEW_LABEL]}})
+            out.extend(review_note(cfg, rid, span, names, "frames", first, last, peak))
+    if cfg.review is not None and AUTO_LABEL in cfg.review.labels:
+        ranges = frame_ranges(fmap.ls_frames_of(list(pseudo)))
+        if ranges:
+            out.append({"id": "lazyxmem-auto", "from_name": cfg.review.name, "to_name": cfg.object_tag,
+                        "type": "timelinelabels", "value": {"ranges": ranges, "timelinelabels": [AUTO_LABEL]}})
     return out
 
 
+def review_note(cfg: LabelConfig, region_id: str, span: ReviewSpan, names: Mapping[int, str], unit: str,
+                first: int, last: int, peak: int) -> list[dict]:
+    """The text under a review region in the Regions panel: which object, which frames (in Label
+    Studio's numbering), the one to check first; the most telling part first, the panel cuts the rest."""
+    if cfg.review_note is None:
+        return []
+    where = f"{unit} {first}-{last}" if last > first else f"{unit[:-1]} {first}"
+    text = (f"{names.get(span.label, 'Object')} {span.label}: {where}, check {peak}"
+            f" ({'asked; ' if span.requested else ''}{span.uncertainty:.0%} unsure)")
+    return [{"id": region_id, "from_name": cfg.review_note.name, "to_name": cfg.object_tag, "type": "textarea",
+             "value": {"text": [text]}}]
+
+
 def image_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequence[tuple[int, str]],
-                  review: Iterable[int], pseudo: Iterable[int]) -> list[dict]:
-    """BrushLabels masks per object per item, and per-item review marks."""
+                  review: Iterable[int], pseudo: Iterable[int], spans: Sequence[ReviewSpan] = ()) -> list[dict]:
+    """BrushLabels masks per object per item, per-item review choices on the requested items, and a
+    "Needs review" marker per review span on its most uncertain item (in the spans' order, with
+    its note when the config has a per-region TextArea)."""
     out = []
     for t, m in enumerate(masks):
         h, w = m.shape
@@ -352,18 +378,23 @@ def image_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequen
                 out.append({"id": f"lazyxmem-mark-{t}", "from_name": cfg.review.name, "to_name": cfg.object_tag,
                             "type": "choices", "item_index": t, "value": {"choices": choices}})
     if cfg.review_box is not None:
-        for t in review:
+        names = dict(objects)
+        for k, span in enumerate(spans):
+            t = span.peak
             h, w = masks[t].shape
             # A marker in the frame's corner, not a box around the objects: in Label Studio 1.23.2
             # a region takes the clicks made inside it (it gets selected), so a box over the
             # object would swallow the very clicks that correct it. Listed in the Regions panel,
             # a click on it still jumps to the frame.
             box = REVIEW_MARKER
-            out.append({"id": f"lazyxmem-review-{t}", "from_name": cfg.review_box.name, "to_name": cfg.object_tag,
+            rid = f"lazyxmem-review-{span.label}-{k}"
+            out.append({"id": rid, "from_name": cfg.review_box.name, "to_name": cfg.object_tag,
                         "type": "rectanglelabels", "item_index": t, "original_width": w, "original_height": h,
                         "image_rotation": 0,
                         "value": {"x": box[0], "y": box[1], "width": box[2], "height": box[3], "rotation": 0,
                                   "rectanglelabels": [REVIEW_LABEL]}})
+            out.extend({**r, "item_index": t}
+                       for r in review_note(cfg, rid, span, names, "items", span.start + 1, span.end + 1, t + 1))
     return out
 
 

@@ -90,7 +90,7 @@ class JobSpec:
     model_version: str
     corrections: dict[tuple[int, int], Correction] = field(default_factory=dict)
     annotation: dict | None = None
-    revision: int = 0  # correction round, named in the posted prediction's version ("-r2")
+    revision: int = 0  # correction round: the posted prediction's "revision" (and its log line)
     # When the web process queued it: of two jobs' masks for one task, the later job's are newer.
     submitted: float = field(default_factory=time.time)
 

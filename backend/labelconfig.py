@@ -29,6 +29,7 @@ class ControlTag:
     type: str  # lower-case tag type: videorectangle, brushlabels, ...
     labels: tuple[str, ...] = ()
     per_item: bool = False
+    per_region: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class LabelConfig:
     review: ControlTag | None = None  # TimelineLabels (video) or per-item Choices (images)
     review_box: ControlTag | None = None  # RectangleLabels with a "Needs review" label (images)
     clicks: ControlTag | None = None  # KeyPointLabels for interactive clicks
+    # A per-region TextArea: the backend's note on each review region (which object, which frames,
+    # the frame to check first), shown under the region in the Regions panel.
+    review_note: ControlTag | None = None
     extra: dict = field(default_factory=dict)
     xml: str = field(default="", repr=False, compare=False)  # the source, for jobs run elsewhere
 
@@ -57,6 +61,10 @@ class LabelConfig:
 
 def _labels(tag: ET.Element) -> tuple[str, ...]:
     return tuple(c.get("value", "") for c in tag.iter() if c.tag in ("Label", "Choice") and c.get("value"))
+
+
+def _note(controls: list[ControlTag]) -> ControlTag | None:
+    return next((c for c in controls if c.type == "textarea" and c.per_region), None)
 
 
 def parse_label_config(xml: str) -> LabelConfig:
@@ -72,7 +80,7 @@ def parse_label_config(xml: str) -> LabelConfig:
     images = [t for t in tags if t.tag == "Image" and t.get("valueList")]
     controls = [
         ControlTag(t.get("name", ""), t.get("toName", ""), t.tag.lower(), _labels(t),
-                   t.get("perItem", "false").lower() == "true")
+                   t.get("perItem", "false").lower() == "true", t.get("perRegion", "false").lower() == "true")
         for t in tags if t.get("toName")
     ]
     if videos:
@@ -100,7 +108,8 @@ def parse_label_config(xml: str) -> LabelConfig:
                                   f"above 0 and at most {MAX_FRAME_RATE}, or $key naming a task data field "
                                   "that holds it (frameRate=\"$fps\")")
         return LabelConfig("video", name, video.get("value", "").lstrip("$"), fps, frame_rate_attr=attr,
-                           shapes=(rect,), output=rect, labels=labels, review=timeline, xml=xml)
+                           shapes=(rect,), output=rect, labels=labels, review=timeline,
+                           review_note=_note(mine), xml=xml)
     if images:
         image = images[0]
         name = image.get("name", "")
@@ -118,6 +127,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         review = next((c for c in mine if c.type == "choices" and c.per_item), None)
         clicks = next((c for c in mine if c.type == "keypointlabels"), None)
         return LabelConfig("images", name, image.get("valueList", "").lstrip("$"), shapes=shapes, output=brush,
-                           review=review, review_box=review_box, clicks=clicks, xml=xml)
+                           review=review, review_box=review_box, clicks=clicks,
+                           review_note=_note(mine), xml=xml)
     raise ConfigError("the label config has neither a <Video> tag nor an <Image valueList=\"$...\"> tag: "
                       "this backend serves video tasks and image-sequence tasks")

@@ -95,8 +95,11 @@ class LabelStudioIO:
     def label_config(self, project_id: int) -> str:
         return str(self.client().projects.get(id=project_id).label_config or "")
 
-    def has_prediction(self, task_id: int, model_version: str) -> bool:
-        return any(p.model_version == model_version for p in self.client().predictions.list(task=task_id))
+    def has_prediction(self, task_id: int, model_version: str, result: list[dict] | None = None) -> bool:
+        """Whether Label Studio holds a prediction of this version for the task (with ``result``:
+        this very one; every revision of ours carries the same version)."""
+        return any(p.model_version == model_version and (result is None or p.result == result)
+                   for p in self.client().predictions.list(task=task_id))
 
     def retire_older(self, task_id: int, keep: int | None) -> None:
         """One prediction of ours per task stays current: the older ones this backend posted are
@@ -131,7 +134,8 @@ class LabelStudioIO:
         def post() -> None:
             made = self.client().predictions.create(task=task_id, result=pred["result"], score=pred["score"],
                                                     model_version=version)
-            log.info("task %s: posted prediction %s%s", task_id, version, f" (job {job_id})" if job_id else "")
+            log.info("task %s: posted prediction %s revision %s%s", task_id, version, pred.get("revision", 0),
+                     f" (job {job_id})" if job_id else "")
             self.retire_older(task_id, getattr(made, "id", None))
 
         if job_id is None:
@@ -140,7 +144,7 @@ class LabelStudioIO:
         if unless_present and self.has_prediction(task_id, version):
             log.info("task %s: Label Studio has a %s prediction already; job %s posts nothing", task_id, version, job_id)
             return False
-        posted = self.ledger.post_once(job_id, post, lambda: self.has_prediction(task_id, version))
+        posted = self.ledger.post_once(job_id, post, lambda: self.has_prediction(task_id, version, pred["result"]))
         if not posted:
             log.info("task %s: job %s posted its prediction already; not posting again", task_id, job_id)
         return posted

@@ -33,6 +33,7 @@ from lazyxmem_core.errors import LazyXMemError
 from lazyxmem_core.lazy import LazySession
 from lazyxmem_core.media import FrameSequence
 from lazyxmem_core.protocols import Refiner
+from lazyxmem_core.review import review_spans
 from lazyxmem_core.session_view import SessionView, correction_mask
 from lazyxmem_core.types import Correction, PackedMask
 
@@ -234,21 +235,25 @@ class Service:
 
     # -- predictions -----------------------------------------------------------------------------
     def prediction(self, state: TaskState) -> dict:
+        """The task's prediction from its current view. The model version is the backend's own,
+        the same for every revision: Label Studio's Data Manager averages only the scores of
+        predictions whose version equals the connected backend's, and one of ours stays current
+        (the older ones are retired when it is posted), so the revision is a field of its own."""
         with state.meta_lock:
             view, revision = state.view, state.revision
         masks = view.frame_masks()
+        spans = review_spans(view, per_object=self.settings.review_spans)
         review = [t + 1 for t in view.review]
         if state.cfg.mode == "video":
             fmap = state.frame_map
-            result = convert.video_results(state.cfg, masks, state.objects, view.review, view.pseudo, state.fps,
+            result = convert.video_results(state.cfg, masks, state.objects, spans, view.pseudo, state.fps,
                                            frames=fmap, drawn=self.drawn_boxes(state, view.shape, view.n_frames))
             if fmap is not None:  # in Label Studio's numbering, as the timeline shows them
                 review = [k + 1 for k in fmap.ls_frames_of(list(view.review))]
         else:
-            result = convert.image_results(state.cfg, masks, state.objects, view.review, view.pseudo)
-        version = self.model_version + (f"-r{revision}" if revision else "")
-        return {"result": result, "score": view.score, "model_version": version,
-                "review_frames": review}
+            result = convert.image_results(state.cfg, masks, state.objects, view.review, view.pseudo, spans)
+        return {"result": result, "score": view.score, "model_version": self.model_version,
+                "revision": revision, "review_frames": review}
 
     def drawn_boxes(self, state: TaskState, shape: tuple[int, int], n: int,
                     sent: bool = False) -> dict[tuple[int, int], tuple[float, ...]]:

@@ -76,6 +76,8 @@ class BackendSettings:
     job_timeout_s: int = 6 * 3600
     # Queued (not yet running) jobs one Label Studio project may hold; past it a submission is a 422.
     max_queued_per_project: int = 200
+    # Review spans listed per object (most uncertain first); every unanswered request gets one besides.
+    review_spans: int = 3
     engine: EngineSettings = field(default_factory=EngineSettings)
     lazy: LazyConfig | None = None  # None: the engine's thresholds, object-loss detection on
 
@@ -114,6 +116,7 @@ class BackendSettings:
             job_retries=int(_env_float("JOB_RETRIES", cls.job_retries)),
             job_timeout_s=int(_env_float("JOB_TIMEOUT_S", cls.job_timeout_s)),
             max_queued_per_project=int(_env_float("MAX_QUEUED_PER_PROJECT", cls.max_queued_per_project)),
+            review_spans=int(_env_float("REVIEW_SPANS", cls.review_spans)),
             engine=engine,
             lazy=lazy_config(engine, tau_u=_env_opt("TAU_U"), tau_p=_env_opt("TAU_P"), tau_m=_env_opt("TAU_M"),
                              user_budget=_int_or_none(_env_opt("REVIEW_BUDGET")),

@@ -78,7 +78,7 @@ class TaskState:
     fps: float
     task: dict  # as Label Studio sent it: what a job needs to rebuild this
     view: SessionView  # what readers see; replaced whole by publish() / adopt()
-    revision: int = 0  # correction rounds in the session's masks: the "-rN" of its prediction
+    revision: int = 0  # correction rounds in the session's masks: its prediction's "revision"
     corrections: dict[tuple[int, int], Correction] = field(default_factory=dict)  # sent to jobs so far
     applied: dict[tuple[int, int], Correction] = field(default_factory=dict)  # in this session
     rounds: int = 0  # correction rounds sent
@@ -266,7 +266,7 @@ DISK_VIEWS_MAX_BYTES = 2 * 2**30
 class DiskViewStore:
     """:class:`ViewStore`'s entries on disk, for a backend without Redis: the masks of its jobs
     outlive a restart (a reopened task gets its corrected prediction, ``/tasks/<id>/masks`` answers,
-    the "-rN" round continues), and ``lazyxmem ls export`` reads them.
+    the revision count continues), and ``lazyxmem ls export`` reads them.
 
     One file per entry, ``<dir>/task-<id>/<start digest>-<model hash>.view``: a JSON line (stamp,
     revision, model version, the prediction's length), the prediction, then the view's bytes. Files

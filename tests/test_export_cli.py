@@ -1,6 +1,6 @@
 """Masks where the user works: ``lazyxmem ls export`` writes a project's masks from the stored
 views (against the fake Label Studio), and a restarted backend (a new app on the same CACHE_DIR,
-no Redis) still serves ``/tasks/<id>/masks`` and continues the "-rN" correction round."""
+no Redis) still serves ``/tasks/<id>/masks`` and continues the correction rounds (revisions)."""
 from __future__ import annotations
 
 import io
@@ -14,9 +14,9 @@ from PIL import Image
 
 from backend.app import create_app
 from backend.cli import main
-from fake_ls import TOKEN, FakeLabelStudio, holds
+from fake_ls import TOKEN, holds
 from test_backend import (AUTH, IMAGES_CFG, VIDEO_CFG, H, N, W, client, connect, fake_ls, images_task,  # noqa: F401
-                          notify, predict, video_task, wait_jobs)
+                          notify, posted_revision, predict, video_task, wait_jobs)
 
 PROJECT = 5
 
@@ -46,10 +46,6 @@ def click_on(video, item: int) -> dict:
     return {"from_name": "clicks", "to_name": "frames", "type": "keypointlabels", "item_index": item,
             "is_positive": True, "original_width": W, "original_height": H,
             "value": {"x": 100 * xs.mean() / W, "y": 100 * ys.mean() / H, "width": 0.5, "keypointlabels": ["Object"]}}
-
-
-def posted_versions() -> list[str]:
-    return [p["json"]["model_version"] for p in FakeLabelStudio.posted if p["path"].startswith("/api/predictions")]
 
 
 def test_export_writes_each_tasks_masks_and_reports_the_tasks_without(client, fake_ls, cli_env, tmp_path, capsys):
@@ -108,7 +104,7 @@ def test_a_restarted_backend_serves_the_masks_and_continues_the_correction_round
     assert predict(client, [task], IMAGES_CFG).status_code == 200
     assert predict(client, [task], IMAGES_CFG, context={"result": [click_on(video, 6)]}).status_code == 200
     assert all(j["status"] == "finished" for j in wait_jobs(client))
-    assert posted_versions()[-1].endswith("-r1")
+    assert posted_revision(client, task) == 1
     before_png = served_pngs(client, 2)
     before_coco = client.get("/tasks/2/masks", headers=AUTH).json
 
@@ -124,10 +120,10 @@ def test_a_restarted_backend_serves_the_masks_and_continues_the_correction_round
 
     # The reopened task gets the corrected prediction, then the next correction is round 2.
     r = predict(restarted, [task], IMAGES_CFG)
-    assert r.status_code == 200 and r.json["results"][0]["model_version"].endswith("-r1"), r.json
+    assert r.status_code == 200 and r.json["results"][0]["revision"] == 1, r.json
     assert predict(restarted, [task], IMAGES_CFG, context={"result": [click_on(video, 10)]}).status_code == 200
     assert all(j["status"] == "finished" for j in wait_jobs(restarted))
-    assert posted_versions()[-1].endswith("-r2"), posted_versions()
+    assert posted_revision(restarted, task) == 2
     # Round 2 keeps round 1's correction (item 6), made before the restart.
     assert (served_pngs(restarted, 2)["00007.png"] == before_png["00007.png"]).all()
 
@@ -144,6 +140,6 @@ def test_a_restarted_backend_serves_the_masks_and_continues_the_correction_round
     assert notify(again, "ANNOTATION_UPDATED", task=2, annotation=21).status_code == 202
     wait_jobs(again)
     wait_jobs(again)
-    assert posted_versions()[-1].endswith("-r3"), posted_versions()
+    assert posted_revision(again, task) == 3
     assert (np.array(Image.open(io.BytesIO(zipfile.ZipFile(io.BytesIO(
         again.get("/tasks/2/masks?format=png", headers=AUTH).data)).read("00009.png")))) == 1).tolist() == fixed.tolist()

@@ -18,6 +18,7 @@ from backend import convert
 from backend.frames import FrameMap, ls_frame_rate, ls_seek_time, ls_to_video, task_frame_map, video_to_ls
 from backend.labelconfig import ConfigError, parse_label_config
 from lazyxmem_core.media import VideoFrames
+from lazyxmem_core.review import ReviewSpan
 from synthetic import write_h264
 
 W, H, SIDE, STEP, N = 160, 64, 10, 2, 60  # the object moves STEP pixels a frame
@@ -132,7 +133,8 @@ def test_review_spans_and_interactive_boxes_use_the_same_frames(video):
     cfg = parse_label_config(CFG.format(rate="25"))
     fmap = FrameMap(25.0, decoded.fps, len(decoded))
     masks = [decoded_mask(decoded[i]).astype(np.uint8) for i in range(len(decoded))]
-    out = convert.video_results(cfg, masks, [(1, "Object")], [30], [], decoded.fps, frames=fmap)
+    out = convert.video_results(cfg, masks, [(1, "Object")], [ReviewSpan(1, 30, 30, 30, 0.5, True)], [],
+                                decoded.fps, frames=fmap)
     (span,) = [r for r in out if r["type"] == "timelinelabels"]
     for rng in span["value"]["ranges"]:
         for k in range(rng["start"], rng["end"] + 1):

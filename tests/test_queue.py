@@ -321,7 +321,7 @@ def test_web_process_refines_against_the_workers_latest_masks(cluster, redis_url
     wait_until(lambda: store.get(task, model.model_version, newer_than=state.stamp), 60, "frame 20's masks")
     r = client.post("/predict", json={"tasks": [task], "label_config": VIDEO_CFG, "params": {"context": None}})
     reopened = r.json["results"][0]
-    assert reopened["model_version"] == f"{model.model_version}-r2", reopened["model_version"]
+    assert (reopened["model_version"], reopened["revision"]) == (model.model_version, 2), reopened["model_version"]
     track = next(x for x in reopened["result"] if x["type"] == "videorectangle")
     kf13 = next(k for k in track["value"]["sequence"] if k["frame"] == 13)
     assert max(abs(kf13[k] - answer[0][k]) for k in ("x", "y", "width", "height")) <= 1.0

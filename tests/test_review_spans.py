@@ -57,3 +57,53 @@ def test_spans_survive_the_bytes_a_worker_hands_over():
     back = SessionView.from_bytes(v.to_bytes())
     assert back.uncertainty == v.uncertainty and back.requests == v.requests
     assert review_spans(back) == review_spans(v)
+
+
+def test_spans_become_regions_with_their_notes_in_order():
+    from pathlib import Path
+
+    from backend import convert
+    from backend.labelconfig import parse_label_config
+    from lazyxmem_core.review import ReviewSpan
+
+    spans = [ReviewSpan(1, 2, 6, 4, 0.7, True), ReviewSpan(1, 8, 9, 9, 0.3, False)]
+    masks = [np.zeros((4, 4), np.uint8)] * 10
+    images = parse_label_config(Path("backend/configs/image_sequence.xml").read_text())
+    out = convert.image_results(images, masks, [(1, "Object")], [4], [], spans)
+    markers = [r for r in out if r["from_name"] == images.review_box.name]
+    notes = {r["id"]: r for r in out if r["type"] == "textarea"}
+    assert [m["item_index"] for m in markers] == [4, 9]  # each span's most uncertain item, in the spans' order
+    assert [notes[m["id"]]["value"]["text"][0] for m in markers] == [
+        "Object 1: items 3-7, check 5 (asked; 70% unsure)", "Object 1: items 9-10, check 10 (30% unsure)"]
+    assert [r["item_index"] for r in out if r["type"] == "choices"] == [4]  # the asked item keeps its choice
+
+    video = parse_label_config(Path("backend/configs/video.xml").read_text())
+    out = convert.video_results(video, masks, [(1, "Object")], spans, [7], 25.0)
+    regions = [r for r in out if r["type"] == "timelinelabels"]
+    assert [(r["value"]["timelinelabels"], r["value"]["ranges"]) for r in regions] == [
+        (["Needs review"], [{"start": 3, "end": 7}]), (["Needs review"], [{"start": 9, "end": 10}]),
+        (["Auto-corrected"], [{"start": 8, "end": 8}])]
+    notes = {r["id"]: r["value"]["text"][0] for r in out if r["type"] == "textarea"}
+    assert notes[regions[0]["id"]] == "Object 1: frames 3-7, check 5 (asked; 70% unsure)"
+    bare = parse_label_config(Path("backend/configs/video.xml").read_text().replace("perRegion=\"true\"", ""))
+    assert bare.review_note is None and not [r for r in convert.video_results(bare, masks, [(1, "Object")], spans, [],
+                                                                              25.0) if r["type"] == "textarea"]
+
+
+def test_a_slowly_lost_object_is_listed_where_it_is_lost():
+    from lazyxmem_core.lazy import LazyConfig, LazySession
+    from test_failure import FramesOf, Shrinking, scene
+
+    img, mask = scene()
+    n = 24
+    session = LazySession(Shrinking(img, mask, 40), FramesOf(img, n), {0: mask.astype(np.uint8)},
+                          config=LazyConfig(pseudo=False, udu=False, score="combined", tau_f=0.5, tau_u=5.0))
+    session.run()
+    v = SessionView.from_bytes(session.view().to_bytes())
+    assert v.requests[1] == tuple(session.review_frames) and session.review_frames
+    assert len(v.uncertainty[1]) == n
+    spans = review_spans(v)
+    for t in session.review_frames:  # every request is inside a span marked as asked
+        assert any(s.requested and s.start <= t <= s.end for s in spans), (t, spans)
+    # The mask shrinks frame after frame: the most uncertain stretch is the late one, not the start.
+    assert spans[0].peak >= n // 2 and spans[0].uncertainty == max(x for x in v.uncertainty[1] if x is not None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -425,6 +426,27 @@ def wait_for_log(backend: Backend, offset: int, needle: str, timeout: float = 15
             return text
         time.sleep(0.2)
     raise AssertionError(f"{needle!r} not in the backend log within {timeout} s; it has:\n{text[-3000:]}")
+
+
+def wait_revision(ls: LabelStudio, backend: Backend, task_id: int, revision: int, timeout: float = 120.0) -> dict:
+    """Label Studio's prediction of ours once the backend has posted ``revision`` for the task.
+
+    Every revision carries the backend's one model version (the Data Manager scores only those),
+    so the revision is read from the backend's log line of that post; the prediction is the newest
+    of ours in Label Studio (the older ones are retired once it is in)."""
+    deadline = time.monotonic() + timeout
+    needle = re.compile(rf"task {task_id}: posted prediction (\S+) revision {revision}\b")
+    while not needle.search(backend_log_since(backend, 0)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"task {task_id}: revision {revision} not posted within {timeout:.0f} s; log:\n"
+                                 f"{backend_log_since(backend, 0)[-3000:]}")
+        time.sleep(0.25)
+    version = needle.search(backend_log_since(backend, 0)).group(1)
+    r = ls.api("GET", "/api/predictions/", params={"task": task_id})
+    assert r.status_code == 200, r.text[:300]
+    ours = sorted((p for p in r.json() if p["model_version"] == version), key=lambda p: p["id"])
+    assert ours, f"task {task_id}: Label Studio holds no {version} prediction"
+    return ours[-1]
 
 
 # --- Browser ---------------------------------------------------------------------------------

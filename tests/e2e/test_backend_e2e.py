@@ -29,7 +29,7 @@ from label_studio_sdk.converter.brush import decode_rle, mask2rle
 
 from ls_harness import (Backend, LabelStudio, add_local_storage, backend_log_since, create_project,
                         import_tasks, local_file_url, open_task, register_backend, retrieve_predictions,
-                        wait_for_log)
+                        wait_for_log, wait_revision)
 from synthetic import make_video, texture, write_webm
 
 pytestmark = pytest.mark.e2e
@@ -294,8 +294,8 @@ def test_video_with_a_lookalike_distractor_crossing_gets_needs_review_spans(
     pred = next(p for p in wait_predictions(ls, task_id, has_result, backend_server) if has_result([p]))
     spans = [r for r in pred["result"] if r["type"] == "timelinelabels"
              and r["value"]["timelinelabels"] == ["Needs review"]]
-    assert spans and spans[0]["value"]["ranges"], pred["result"]
-    assert all(1 <= rg["start"] <= rg["end"] <= 30 for rg in spans[0]["value"]["ranges"])
+    assert spans and all(x["value"]["ranges"] for x in spans), pred["result"]
+    assert all(1 <= rg["start"] <= rg["end"] <= 30 for x in spans for rg in x["value"]["ranges"])
 
 
 def test_video_prediction_tracks_every_frame_and_flags_the_vanishing(video_case: Case) -> None:
@@ -317,8 +317,8 @@ def test_video_prediction_tracks_every_frame_and_flags_the_vanishing(video_case:
     assert boxes[-1] is not None and box_iou(boxes[-1], pct_box(clip.masks[-1])) > 0.5  # to the last frame
     spans = [r for r in pred["result"] if r["type"] == "timelinelabels"]
     review = [r for r in spans if r["value"]["timelinelabels"] == [REVIEW]]
-    assert len(review) == 1 and review[0]["from_name"] == "review", spans
-    flagged = {f for rg in review[0]["value"]["ranges"] for f in range(rg["start"], rg["end"] + 1)}
+    assert review and all(r["from_name"] == "review" for r in review), spans
+    flagged = {f for r in review for rg in r["value"]["ranges"] for f in range(rg["start"], rg["end"] + 1)}
     assert near(flagged, clip.hidden), (sorted(flagged), clip.hidden)
 
 
@@ -362,7 +362,7 @@ def test_video_prediction_renders_in_web_ui(label_studio: LabelStudio, video_cas
 def test_video_annotation_update_reaches_the_backend_and_revises_later_frames(
         label_studio: LabelStudio, backend_server: Backend, video_case: Case) -> None:
     """The annotator corrects frame 60 (boxes the decoy); LS fires ANNOTATION_UPDATED to /webhook; the
-    backend re-propagates from there and posts a "-r1" prediction. The annotation stays as saved."""
+    backend re-propagates from there and posts revision 1. The annotation stays as saved."""
     ls, clip, fix = label_studio, video_case.clip, 60  # 1-based
     ann = ls.api("GET", f"/api/annotations/{video_case.annotation_id}/").json()
     region = copy.deepcopy(ann["result"][0])
@@ -377,9 +377,8 @@ def test_video_annotation_update_reaches_the_backend_and_revises_later_frames(
     log = wait_for_log(backend_server, offset, "correction on frame(s)", timeout=30)
     assert f"correction on frame(s) [{fix}]" in log, log[-2000:]
     first = video_case.prediction
-    preds = wait_predictions(ls, video_case.task_id, lambda ps: any(p["model_version"].endswith("-r1") for p in ps),
-                             backend_server, timeout=90)
-    revised = next(p for p in preds if p["model_version"] == first["model_version"] + "-r1")
+    revised = wait_revision(ls, backend_server, video_case.task_id, 1, timeout=90)
+    assert revised["model_version"] == first["model_version"], "every revision carries the backend's version"
     assert 0.0 <= revised["score"] <= 1.0
     old = track_boxes(next(r for r in first["result"] if r["type"] == "videorectangle")["value"]["sequence"], N_VIDEO)
     new_track = next(r for r in revised["result"] if r["type"] == "videorectangle")
@@ -472,8 +471,7 @@ def test_interactive_keypoint_through_label_studio_returns_a_refined_mask(
     assert result[0]["value"]["brushlabels"] == ["Object"]
     assert mask_iou(brush_mask(result[0]), clip.masks[item]) > 0.5
     # The click also becomes a correction: the backend re-propagates and posts a revision.
-    wait_predictions(ls, images_case.task_id, lambda ps: any(p["model_version"].endswith("-r1") for p in ps),
-                     backend_server, timeout=60)
+    wait_revision(ls, backend_server, images_case.task_id, 1, timeout=60)
     # An empty context is a no-op, not an error.
     r = ls.api("POST", f"/api/ml/{images_case.ml_id}/interactive-annotating",
                json={"task": images_case.task_id, "context": {"result": []}})

@@ -15,7 +15,7 @@ import pytest
 from label_studio_sdk.converter.brush import mask2rle
 
 from ls_harness import Backend, LabelStudio, add_local_storage, create_project, import_tasks, local_file_url, \
-    interactive_click, retrieve_predictions
+    interactive_click, retrieve_predictions, wait_revision
 from test_backend_e2e import IMAGES_XML, brush_mask, connect, mask_iou, vanishing_clip, wait_predictions
 
 pytestmark = pytest.mark.e2e
@@ -125,5 +125,4 @@ def test_tasks_of_one_size_in_one_project_each_get_their_own_masks(label_studio:
         own_best(brush_mask(result[0]), [c.masks[t] for c in scenes], k, f"answer on task {ids[k]} item {t}")
     print(f"[e2e timing] interactive_click_{W}x{H}_s: median {np.median(latencies):.3f}, max {max(latencies):.3f}")
     for k in (0, 1):  # both clicks of each task end up in its posted prediction
-        wait_predictions(ls, ids[k], lambda ps: any(p["model_version"].endswith("-r2") for p in ps),
-                         backend_server, timeout=90)
+        wait_revision(ls, backend_server, ids[k], 2, timeout=90)

@@ -6,9 +6,9 @@ SAM-HQ checkpoint, refiner ``auto`` is the SAM 2.1 image predictor on the same w
 image-sequence task, started from a mask painted on item 0, goes through what a reviewer does:
 "Retrieve predictions" gives a mask on every item; a smart-keypoint click on a later item is
 answered with SAM 2's own mask on that item (recomputed here from the same checkpoint, and checked
-to differ from what GrabCut gives, so no other refiner can pass); the click re-propagates ("-r1");
+to differ from what GrabCut gives, so no other refiner can pass); the click re-propagates (revision 1);
 the submitted annotation, which keeps the answer and paints one more item, reaches the backend as
-a webhook and re-propagates again ("-r2").
+a webhook and re-propagates again (revision 2).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from ls_harness import (Backend, LabelStudio, backend_log_since, interactive_click, retrieve_predictions, serving_backend,
-                        wait_for_log)
+                        wait_for_log, wait_revision)
 from test_backend_e2e import brush_mask, connect, has_result, mask_iou, wait_predictions
 from test_many_tasks_e2e import H, W, brush, brush_start, clips, import_scenes, keypoint
 
@@ -64,12 +64,6 @@ def brushes(prediction: dict) -> dict:
     out = {r["item_index"]: brush_mask(r) for r in regions}
     assert len(out) == len(regions), "two masks on one item"
     return out
-
-
-def revision(ls: LabelStudio, task_id: int, model_version: str, backend: Backend) -> dict:
-    preds = wait_predictions(ls, task_id, lambda ps: any(p["model_version"] == model_version for p in ps),
-                             backend, timeout=120)
-    return next(p for p in preds if p["model_version"] == model_version)
 
 
 def test_sam2_engine_preannotates_answers_clicks_and_repropagates(label_studio: LabelStudio, sam2_backend: Backend,
@@ -118,12 +112,12 @@ def test_sam2_engine_preannotates_answers_clicks_and_repropagates(label_studio: 
     assert (answer == sam2).all(), f"the answer is not SAM 2's mask: {(answer != sam2).sum()} pixels differ, " \
                                    f"IoU {mask_iou(answer, sam2):.3f}"
 
-    # 3a. The click is a correction: the backend re-propagates and posts "-r1" with the answer on its item.
-    r1 = brushes(revision(ls, task_id, version + "-r1", backend))
+    # 3a. The click is a correction: the backend re-propagates and posts revision 1 with the answer on its item.
+    r1 = brushes(wait_revision(ls, backend, task_id, 1))
     assert (r1[CLICKED] == answer).all() and (r1[0] == scene.masks[0]).all()
 
     # 3b. The annotator submits: the answer kept, one more item painted. Only the painted item
-    # differs from the prediction, so only it is a correction, and "-r2" carries both.
+    # differs from the prediction, so only it is a correction, and revision 2 carries both.
     annotation = ls.api("GET", f"/api/tasks/{task_id}/annotations/").json()[0]
     start = annotation["result"][0]
     painted = {**start, **brush(scene.masks[PAINTED]), "id": "painted", "item_index": PAINTED}
@@ -133,7 +127,7 @@ def test_sam2_engine_preannotates_answers_clicks_and_repropagates(label_studio: 
     wait_for_log(backend, offset, '"POST /webhook HTTP/1.1" 202')  # accepted; read back from Label Studio, then:
     log = wait_for_log(backend, offset, "correction on frame(s)", timeout=30)
     assert f"correction on frame(s) [{PAINTED + 1}]" in log, log[-2000:]
-    r2 = brushes(revision(ls, task_id, version + "-r2", backend))
+    r2 = brushes(wait_revision(ls, backend, task_id, 2))
     assert (r2[PAINTED] == scene.masks[PAINTED]).all() and (r2[CLICKED] == answer).all()
     assert (r2[0] == scene.masks[0]).all() and sorted(r2) == list(range(N_ITEMS)), sorted(r2)
     print(f"[e2e timing] sam2_e2e_total_s: {time.perf_counter() - t0:.1f}")
