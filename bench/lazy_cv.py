@@ -57,6 +57,10 @@ GRID: dict[str, dict] = {
     "fi2-20-step5": {**PREVIOUS, "tau_f_step": 5.0, "tau_fi": 20.0, "fi_floor": 2.0},
     "fi2.5-20-tauf3.5": {**PREVIOUS, "tau_f": 3.5, "tau_fi": 20.0, "fi_floor": 2.5},
     "fi2-20-only": {**PREVIOUS, "tau_f_step": 99.0, "tau_u": 99.0, "tau_s": None, "tau_fi": 20.0, "fi_floor": 2.0},
+    # Only the integrated trigger asks (tau_f 2.5 still vetoes): slow drift is asked about once it
+    # has cost frames, and backward revision repairs the frames before the request.
+    "fi2-20-pure": {**PREVIOUS, "tau_u": 99.0, "tau_s": None, "fail_ask": False, "tau_fi": 20.0, "fi_floor": 2.0},
+    "fi2-10-pure": {**PREVIOUS, "tau_u": 99.0, "tau_s": None, "fail_ask": False, "tau_fi": 10.0, "fi_floor": 2.0},
 }
 
 
@@ -71,12 +75,14 @@ def _config(config: LazyConfig) -> dict:
     if values.get("tau_fi") is None:
         values.pop("tau_fi", None)
         values.pop("fi_floor", None)
+    if values.get("fail_ask", True):
+        values.pop("fail_ask", None)
     return values
 
 
 # What only the triggers read: Rand-Lazy (its requests forced, its triggers off) runs the same
 # whatever these are, so its cache key leaves them out and candidates share its runs.
-TRIGGER_ONLY = ("tau_u", "tau_s", "level_run", "tau_f_step", "min_user_gap", "tau_fi", "fi_floor", "user_budget",
+TRIGGER_ONLY = ("tau_u", "tau_s", "level_run", "tau_f_step", "fail_ask", "min_user_gap", "tau_fi", "fi_floor", "user_budget",
                 "detect_loss", "loss_ratio", "loss_min_area")
 
 
@@ -108,7 +114,8 @@ class Runner:
     def rand(self, seq: EvalSequence, config: LazyConfig, budget: int, seed: int) -> dict:
         start = min(seq.initial_masks())
         schedule = random_schedule(len(seq.frames), start, seq.labels, budget, seed)
-        return self._run(_key("rand", seq.name, _rand_config(config), budget, seed), f"rand seed {seed} n={budget} {seq.name}",
+        # Without requests the schedule is empty whatever the seed: one run serves every seed.
+        return self._run(_key("rand", seq.name, _rand_config(config), budget, seed if budget else 0), f"rand seed {seed} n={budget} {seq.name}",
                          lambda: self._figures(run_sequence(seq, "rand-lazy", self.settings, config, "tp", "oracle",
                                                             forced_user=schedule)))
 
@@ -130,6 +137,7 @@ def main() -> None:
     p.add_argument("--rand-seeds", type=int, default=5)
     p.add_argument("--rand-for", choices=("picks", "all", "none"), default="picks",
                    help="which candidates get Rand-Lazy runs (the picks: needed for the held-out margins)")
+    p.add_argument("--rand-extra", default="", help="more candidates to run Rand-Lazy for (comma-separated)")
     p.add_argument("--max-rate", type=float, default=0.02, help="requests per object-frame a pick may use on its training fold")
     p.add_argument("--out", default=str(ROOT / "runs" / "lazy_cv"))
     a = p.parse_args()
@@ -157,6 +165,7 @@ def main() -> None:
         ok = [c for c in names if rate(c, 1 - k) <= a.max_rate] or names
         picks[k] = max(ok, key=lambda c: jf(lazy[c], 1 - k))
     rand_for = names if a.rand_for == "all" else sorted(set(picks.values())) if a.rand_for == "picks" else []
+    rand_for += [c for c in a.rand_extra.split(",") if c and c in names and c not in rand_for]
     rand: dict[str, list[dict]] = {}
     for c in rand_for:
         rand[c] = [{s.name: runner.rand(s, configs[c], lazy[c][s.name]["N_oI"], seed) for s in seqs}

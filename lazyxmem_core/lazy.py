@@ -74,6 +74,7 @@ class LazyConfig:
     # look is not asked about over and over).
     tau_f: float | None = None
     tau_f_step: float = 0.5
+    fail_ask: bool = True  # False: tau_f only vetoes (veto_f) and the failure triggers are tau_fi's
     veto_f: bool = False  # with "combined" and tau_f: F above tau_f also keeps the frame out of memory (UDU)
     # With "combined", also ask when F has stayed high for a while: the excess of F over fi_floor,
     # summed over the frames since the object's last request or human-made mask, passes tau_fi
@@ -475,7 +476,7 @@ class LazySession:
             if cfg.user and run >= cfg.level_run * 2 ** asked and self._user_allowed(t, label):
                 self._level_asks[label] = asked + 1
                 return self._count_user(t, label)
-        if cfg.user and cfg.tau_f is not None and F is not None:
+        if cfg.user and cfg.fail_ask and cfg.tau_f is not None and F is not None:
             asked = self._fail_asks.get(label, 0)
             if F > cfg.tau_f + cfg.tau_f_step * asked and self._user_allowed(t, label):
                 self._fail_asks[label] = asked + 1

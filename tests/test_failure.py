@@ -268,3 +268,21 @@ def test_integrated_failure_trigger_asks_once_the_summed_excess_passes_and_doubl
     nxt = deferred.review_frames[0]
     assert nxt > expected + 1  # the corrected mask starts the sum again
     assert sum(max(0.0, deferred.failure_scores[t][1] - floor) for t in range(expected + 1, nxt + 1)) > bar
+
+
+def test_fail_ask_off_leaves_tau_f_to_the_veto():
+    img, mask = scene()
+    n = 20
+    asks, writes = {}, {}
+    for fail_ask in (True, False):
+        prop = Recording(img, mask, 20)
+        session = LazySession(prop, FramesOf(img, n), {0: mask.astype(np.uint8)},
+                              config=LazyConfig(pseudo=False, tau_u=5.0, score="combined", tau_f=0.5, tau_m=9.0,
+                                                veto_f=True, fail_ask=fail_ask))
+        session.run()  # deferred: requests become review frames, the masks stay the propagator's
+        asks[fail_ask] = session.review_frames
+        lost = [t for t in range(1, n) if session.failure_scores[t][1] > 0.5]
+        writes[fail_ask] = [prop.writes[t] for t in lost if t not in session.review_frames]
+        assert lost
+    assert asks[True] and not asks[False]
+    assert writes[False] and all(w is False for w in writes[False])  # still vetoed
