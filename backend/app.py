@@ -167,6 +167,7 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
         if project is None:
             raise Malformed(f"'project' must be Label Studio's '<id>.<created-at>', {got(body.get('project'))}")
         model.projects.add(project, schema or "")  # webhooks are acted on for connected projects only
+        model.check_version_soon(project)
         return jsonify(model_version=model_version)
 
     @app.get("/versions")
@@ -217,6 +218,8 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
             raise _BadRequest("no label config: send 'label_config' or call /setup for this project first")
         t0 = time.perf_counter()
         results, jobs = model.predict(tasks, config, context)
+        if any(results):  # Label Studio stores them under our version once this returns
+            model.check_version_soon(project)
         log.info("predict %s: %d task(s) in %.2f s%s", _task_ids(tasks), len(tasks), time.perf_counter() - t0,
                  f", {len(jobs)} queued" if jobs else "")
         # A queued task's entry is [] (Label Studio stores nothing for it); its job posts later.

@@ -341,12 +341,12 @@ def video_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequen
 def review_note(cfg: LabelConfig, region_id: str, span: ReviewSpan, names: Mapping[int, str], unit: str,
                 first: int, last: int, peak: int) -> list[dict]:
     """The text under a review region in the Regions panel: which object, which frames (in Label
-    Studio's numbering), the one to check first; the most telling part first, the panel cuts the rest."""
+    Studio's numbering), the one to check first, and whether the controller asked about it; the
+    regions come most uncertain first, so the order is the ranking."""
     if cfg.review_note is None:
         return []
     where = f"{unit} {first}-{last}" if last > first else f"{unit[:-1]} {first}"
-    text = (f"{names.get(span.label, 'Object')} {span.label}: {where}, check {peak}"
-            f" ({'asked; ' if span.requested else ''}{span.uncertainty:.0%} unsure)")
+    text = f"{names.get(span.label, 'Object')} {span.label}: {where}, check {peak}" + (" (asked)" if span.requested else "")
     return [{"id": region_id, "from_name": cfg.review_note.name, "to_name": cfg.object_tag, "type": "textarea",
              "value": {"text": [text]}}]
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from lazyxmem_core.errors import LazyXMemError
 
+from .checks import shown
+
 log = logging.getLogger(__name__)
 
 
@@ -94,6 +96,31 @@ class LabelStudioIO:
 
     def label_config(self, project_id: int) -> str:
         return str(self.client().projects.get(id=project_id).label_config or "")
+
+    def show_our_version(self, project_id: int, ours: str) -> str:
+        """Make the project's prediction version this backend's, when Label Studio set it to this
+        backend's title by itself; returns what was found: "ours", "moved", "unset" or "other".
+
+        With its model-version dropdown flag off (the default in 1.23.2), Label Studio scores the
+        Data Manager's prediction column and shows predictions in the labeling stream only for
+        predictions whose version is the project's ``model_version``; connecting a backend sets
+        that to the backend's *title*, which no prediction carries, while "Retrieve predictions"
+        skips tasks by the version ``/setup`` answered. Pointing the project at that version (what
+        picking it under Settings > Predictions does) makes the three agree. A version the user
+        chose (another model's, or none) is left alone.
+        """
+        current = self.client().projects.get(id=project_id).model_version or ""
+        if current == ours:
+            return "ours"
+        if not current:
+            return "unset"
+        mine = {b.title for b in self.client().ml.list(project=project_id) if (b.model_version or "") == ours}
+        if current not in mine:
+            return "other"
+        self.client().projects.update(id=project_id, model_version=ours)
+        log.info("project %s: predictions are shown and scored under %s (Label Studio had set the backend's "
+                 "title %r, which no prediction carries)", project_id, ours, shown(current))
+        return "moved"
 
     def has_prediction(self, task_id: int, model_version: str, result: list[dict] | None = None) -> bool:
         """Whether Label Studio holds a prediction of this version for the task (with ``result``:

@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 MAX_OBJECTS = 255  # index masks are 8-bit
 MAX_INTERACTIVE_ANSWERS = 8  # refiner calls one interactive request may make
 ANSWERED_S = 120.0  # how long a /predict answer keeps a job from posting the same prediction
+# A project's prediction version (see ``check_version_soon``): looked at this long after the event
+# (one look at a time), and once settled not again before VERSION_CHECK_S.
+VERSION_DELAY_S, VERSION_CHECK_S = 1.5, 600.0
 
 
 def is_cuda_oom(exc: BaseException) -> bool:
@@ -87,6 +90,8 @@ class Service:
         self.gate = PriorityGate()
         # Projects that called /setup (webhooks are acted on for these only) and their configs.
         self.projects = ConnectedProjects(Path(settings.cache_dir) / "projects.json", self.redis)
+        self._version_checks: dict[int, tuple[float | None, bool]] = {}  # project -> (settled at, look pending)
+        self._version_lock = threading.Lock()
         self._project_configs: dict[int, tuple[float, str]] = {}  # read back from Label Studio
         self.notifier = Notifier(self.on_notice, settings.max_pending_notices)
         self.seconds_per_object_frame = 0.25  # running estimate, refined after each propagation
@@ -521,6 +526,36 @@ class Service:
         new = self.notifier.submit(notices)
         return {"status": "accepted", "notices": new}, 202
 
+    def check_version_soon(self, project: int | None) -> None:
+        """See that Label Studio shows and scores this backend's predictions in ``project``
+        (``LabelStudioIO.show_our_version``), a moment from now in a timer thread: after /setup
+        (Label Studio names the project's version right after it returns), after a /predict answer
+        and after a post (Label Studio accepts a version only once a prediction carries it). One
+        look at a time per project; once settled, the next after ``VERSION_CHECK_S``."""
+        if not isinstance(project, int) or not self.ls.configured:
+            return
+        with self._version_lock:
+            settled, pending = self._version_checks.get(project, (None, False))
+            if pending or (settled is not None and time.monotonic() - settled < VERSION_CHECK_S):
+                return
+            self._version_checks[project] = (settled, True)
+
+        def check() -> None:
+            settled = None
+            try:
+                self.ls.show_our_version(project, self.model_version)
+                settled = time.monotonic()
+            except Exception as exc:  # no prediction of ours there yet (400), or Label Studio away
+                log.info("project %s: prediction version not set yet (Label Studio answers %s)", project,
+                         upstream_status(exc) or type(exc).__name__)
+            finally:
+                with self._version_lock:
+                    self._version_checks[project] = (settled, False)
+
+        timer = threading.Timer(VERSION_DELAY_S, check)
+        timer.daemon = True
+        timer.start()
+
     def on_notice(self, notice: Notice) -> None:
         """A notice, looked up in Label Studio (in the notifier's thread): what Label Studio holds
         decides what is done, never what the webhook said."""
@@ -716,6 +751,8 @@ class Service:
                 return {"posted": False, "review_frames": pred["review_frames"]}
             posted = self.ls.post_prediction(state.task_id, pred, job_id=spec.key,
                                              unless_present=spec.kind == "propagate")
+            if posted:
+                self.check_version_soon(spec.task.get("project"))
             return {"posted": posted, "review_frames": pred["review_frames"]}
 
         return self.guard_oom(spec.task_id, work)

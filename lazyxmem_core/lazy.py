@@ -556,12 +556,13 @@ class LazySession:
                                and not r.objects[v].answered) for v in labels})
 
     def _object_score(self, label: int, extra: Mapping[int, Mapping[int, float]], t: int) -> float | None:
-        """Object ``label``'s trigger score on frame ``t`` (S, or S + F), None where it is not seen."""
+        """Object ``label``'s trigger score on frame ``t`` (S, or S + F; not capped at 1 as the
+        session score is: a reviewer's list ranks frames past the cap too), None where it is not seen."""
         rec = self.records.get(t)
         o = None if rec is None else rec.objects.get(label)
         if o is None or o.area <= 0:
             return None
-        return round(min(1.0, o.S + extra.get(t, {}).get(label, 0.0)), 4)
+        return round(o.S + extra.get(t, {}).get(label, 0.0), 4)
 
     def preview(self, t: int, label: int, corr: Correction) -> np.ndarray:
         """The mask ``corr`` gives object ``label`` on frame ``t`` now, without re-propagating:

@@ -22,7 +22,7 @@ class ReviewSpan:
     start: int  # first frame (0-based, inclusive)
     end: int  # last frame (inclusive)
     peak: int  # the span's most uncertain frame: where to look first
-    uncertainty: float  # the object's score on ``peak`` (0: certain, 1: lost)
+    uncertainty: float  # the object's trigger score on ``peak`` (S or S + F: 0 certain, higher worse)
     requested: bool  # the span holds a frame whose correction the controller asked for
 
 
@@ -34,8 +34,9 @@ def review_spans(view: SessionView, per_object: int = 3, min_frames: int = 5, ma
     A span grows from its seed frame while the uncertainty stays at or above half the seed's
     (and above the object's median: the object's usual level is not a reason to look), never over
     a frame with a human-given mask, to at most ``max_frames``; it is at least ``min_frames`` long
-    where the video allows (a readable mark on the timeline). Frames whose uncertainty is below
-    ``floor`` never seed a span: a certain object gets none.
+    where the video allows (a readable mark on the timeline), and spans of one object that overlap
+    are merged. Frames whose uncertainty is below ``floor`` never seed a span: a certain object
+    gets none.
     """
     spans: list[ReviewSpan] = []
     for label in view.labels:
@@ -54,39 +55,43 @@ def review_spans(view: SessionView, per_object: int = 3, min_frames: int = 5, ma
         def covered(t: int) -> bool:
             return any(s.start <= t <= s.end for s in taken)
 
-        def grow(seed: int, requested: bool) -> ReviewSpan:
-            level = max(median, 0.5 * values[seed]) if seen[seed] else np.inf
-            lo = hi = seed
-            while hi - lo + 1 < max_frames:
-                moved = False
-                for nxt, side in ((hi + 1, 1), (lo - 1, -1)):
-                    if (0 <= nxt < len(values) and seen[nxt] and values[nxt] >= level and nxt not in anchors
-                            and not covered(nxt) and hi - lo + 1 < max_frames):
-                        lo, hi = (lo, nxt) if side > 0 else (nxt, hi)
-                        moved = True
-                if not moved:
-                    break
-            while hi - lo + 1 < min_frames and (hi + 1 < len(values) or lo > 0):  # readable on a timeline
-                if hi + 1 < len(values) and not covered(hi + 1):
-                    hi += 1
-                elif lo > 0 and not covered(lo - 1):
-                    lo -= 1
-                else:
-                    break
+        def span(lo: int, hi: int, requested: bool) -> ReviewSpan:
             inside = [t for t in range(lo, hi + 1) if seen[t]]
-            peak = max(inside, key=lambda t: values[t]) if inside else seed
+            peak = max(inside, key=lambda t: values[t]) if inside else lo
             return ReviewSpan(label, lo, hi, peak, round(float(values[peak]) if seen[peak] else 0.0, 4),
                               requested or any(lo <= t <= hi for t in requests))
 
+        def add(seed: int, requested: bool) -> None:
+            level = max(median, 0.5 * values[seed]) if seen[seed] else np.inf
+            lo = hi = seed
+            while hi - lo + 1 < max_frames:
+                grew = False
+                for nxt in (hi + 1, lo - 1):
+                    if (0 <= nxt < len(values) and seen[nxt] and values[nxt] >= level and nxt not in anchors
+                            and not covered(nxt) and hi - lo + 1 < max_frames):
+                        lo, hi, grew = min(lo, nxt), max(hi, nxt), True
+                if not grew:
+                    break
+            while hi - lo + 1 < min_frames and (hi + 1 < len(values) or lo > 0):  # readable on a timeline
+                if hi + 1 < len(values):
+                    hi += 1
+                if hi - lo + 1 < min_frames and lo > 0:
+                    lo -= 1
+            # Spans of one object that overlap (after padding) are one stretch to review.
+            for other in [s for s in taken if s.start <= hi and lo <= s.end]:
+                taken.remove(other)
+                lo, hi, requested = min(lo, other.start), max(hi, other.end), requested or other.requested
+            taken.append(span(lo, hi, requested))
+
         for t in sorted(requests, key=lambda t: -values[t] if seen[t] else 0.0):
             if not covered(t):
-                taken.append(grow(t, True))
+                add(t, True)
         for t in np.argsort(-np.where(seen, values, -np.inf), kind="stable"):
             if len(taken) >= per_object:
                 break
             t = int(t)
             if not seen[t] or values[t] < floor or t in anchors or covered(t):
                 continue
-            taken.append(grow(t, False))
+            add(t, False)
         spans.extend(sorted(taken, key=lambda s: -s.uncertainty))
     return spans

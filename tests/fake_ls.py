@@ -15,7 +15,8 @@ TOKEN = "t" * 40
 class FakeLabelStudio(BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     posted: list[dict] = []
-    records: dict[str, dict[int, dict]] = {"tasks": {}, "annotations": {}, "projects": {}, "predictions": {}}
+    records: dict[str, dict[int, dict]] = {"tasks": {}, "annotations": {}, "projects": {}, "predictions": {},
+                                           "ml": {}}  # ml: the projects' ML backend records
     reads: list[str] = []  # API paths read, in order
     deleted: list[int] = []  # prediction ids deleted
     lock = threading.Lock()
@@ -60,6 +61,10 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
                          and i + 1 not in self.deleted]
             self._json(200, preds)
             return
+        if url.path.rstrip("/") == "/api/ml":
+            project = parse_qs(url.query).get("project", [""])[0]
+            self._json(200, [b for b in self.records["ml"].values() if str(b.get("project")) == project])
+            return
         if url.path.rstrip("/") == "/api/tasks":  # the SDK's tasks.list(project=...): pages until one is empty
             query = parse_qs(url.query)
             project, page = query.get("project", [""])[0], int(query.get("page", ["1"])[0])
@@ -83,6 +88,19 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
                 self.send_response(404)
             self.send_header("Content-Length", "0")
             self.end_headers()
+
+    def do_PATCH(self):
+        parts = urlsplit(self.path).path.strip("/").split("/")
+        data = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        with self.lock:
+            record = self.records["projects"].get(int(parts[2])) if len(parts) == 3 and parts[:2] == [
+                "api", "projects"] and parts[2].isdigit() else None
+            if record is not None:
+                record.update(data)
+        if self.headers.get("Authorization") != f"Token {TOKEN}" or record is None:
+            self._json(404, {"detail": "Not found."})
+        else:
+            self._json(200, record)
 
     def do_POST(self):
         data = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")

@@ -763,3 +763,24 @@ def test_one_prediction_of_ours_stays_current_but_the_one_an_annotation_came_fro
     wait_jobs(client)
     third = ours()
     assert second[0] in third and len(third) == 2, third
+
+
+def test_the_project_scores_and_shows_predictions_under_the_backends_version(client, fake_ls):
+    """Label Studio 1.23.2 names a project's predictions after the backend's title when it connects
+    (its Data Manager then scores, and its labeling stream shows, no prediction of ours): the
+    backend points the project at its own version, and leaves a version the user chose alone."""
+    from fake_ls import FakeLabelStudio as LS
+
+    ours = client.model.model_version
+    LS.records["projects"][5] = {"id": 5, "title": "p5", "label_config": VIDEO_CFG, "model_version": "My model"}
+    LS.records["ml"][1] = {"id": 1, "project": 5, "title": "My model", "url": "http://127.0.0.1:9", "model_version": ours}
+    LS.records["projects"][6] = {"id": 6, "title": "p6", "label_config": VIDEO_CFG, "model_version": "yolo-v8"}
+    LS.records["ml"][2] = {"id": 2, "project": 6, "title": "lazyxmem", "url": "http://127.0.0.1:9", "model_version": ours}
+    connect(client, 5)
+    connect(client, 6)
+    deadline = time.monotonic() + 10
+    while LS.records["projects"][5]["model_version"] != ours and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert LS.records["projects"][5]["model_version"] == ours
+    time.sleep(1.5)  # the other project's check has run by now too
+    assert LS.records["projects"][6]["model_version"] == "yolo-v8", "another model's version, chosen by the user"

@@ -334,11 +334,12 @@ def test_video_prediction_renders_in_web_ui(label_studio: LabelStudio, video_cas
     assert set(by_type) == {"videorectangleregion", "timelineregion"}, regions
     assert by_type["videorectangleregion"]["labels"] == ["Object"]
     assert by_type["videorectangleregion"]["keyframes"] >= 2
-    expected = next(r for r in video_case.prediction["result"] if r["type"] == "timelinelabels")["value"]["ranges"]
-    assert by_type["timelineregion"]["labels"] == [REVIEW]
-    assert [(r["start"], r["end"]) for r in by_type["timelineregion"]["ranges"]] == [
-        (r["start"], r["end"]) for r in expected]
-    # The player decodes the WebM, and the timeline draws a "Needs review" row with one span per range.
+    # One region per review span, in the prediction's order (most uncertain first).
+    expected = [rg for r in video_case.prediction["result"] if r["type"] == "timelinelabels"
+                and r["value"]["timelinelabels"] == [REVIEW] for rg in r["value"]["ranges"]]
+    shown = [rg for r in regions if r["type"] == "timelineregion" and r["labels"] == [REVIEW] for rg in r["ranges"]]
+    assert [(r["start"], r["end"]) for r in shown] == [(r["start"], r["end"]) for r in expected], (shown, expected)
+    # The player decodes the WebM, and the timeline draws a "Needs review" row per review span.
     page.wait_for_function("() => { const v = document.querySelector('video');"
                            " return v && v.readyState >= 2 && v.duration > 0; }", timeout=20_000)
     rows_js = """() => [...document.querySelectorAll('.lsf-keypoints')].map(k => ({
@@ -347,7 +348,7 @@ def test_video_prediction_renders_in_web_ui(label_studio: LabelStudio, video_cas
     page.wait_for_function(f"() => ({rows_js})().some(r => r.name === {json.dumps(REVIEW)})", timeout=10_000)
     rows = page.evaluate(rows_js)
     review_rows = [r for r in rows if r["name"] == REVIEW]
-    assert review_rows and review_rows[0]["spans"] == len(expected), rows
+    assert len(review_rows) == len(expected) and all(r["spans"] == 1 for r in review_rows), rows
     assert any(r["name"] == "Object" and r["spans"] >= 1 for r in rows), rows
     # Seek to the first flagged frame (what the annotator does next) for the screenshot.
     first = expected[0]["start"]

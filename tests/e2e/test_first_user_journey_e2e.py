@@ -366,6 +366,7 @@ def test_video_journey(label_studio: LabelStudio, backend_server: Backend, ls_pa
         boxes = check_track(p, truth, truth_dec, shows, before_jump, count,
                             f"{fps} fps, prediction {p['id']} {p['model_version']}")
     shot(page, shots, f"{tag}-2-submitted")
+    check_score_column(ls, project_id, task_id, "after the first prediction")
     if fps != FULL_JOURNEY_FPS:
         # The prediction as the user finds it on reopening the task, on the last frame before the jump.
         open_task(page, ls, project_id, task_id)
@@ -374,6 +375,14 @@ def test_video_journey(label_studio: LabelStudio, backend_server: Backend, ls_pa
         seek_frame(page, before_jump[-1])
         shot(page, shots, f"{tag}-3-prediction-frame-{before_jump[-1]}")
         return
+
+    # 2b. The reviewer's view of that prediction: the review spans, in the Regions panel in order
+    # with their notes, and as spans on the timeline; the most uncertain one is where the object
+    # was lost (after the jump), not where the user's box holds it.
+    reviewer_view(page, ls, project_id, task_id, first, shots, tag, jump_ls=next(
+        k for k in range(1, count + 1) if shows[k - 1] >= jump))
+    open_task(page, ls, project_id, task_id)  # back to the user's own annotation (Label Studio opens it)
+    wait_video_editor(page)
 
     # 3. A later frame, after the jump: the user types it into the frame counter; Label Studio's
     # player must be on the decoded frame ``shown_frame`` says (what every check above relies on).
@@ -440,12 +449,70 @@ def test_video_journey(label_studio: LabelStudio, backend_server: Backend, ls_pa
         f"object; (frame, IoU before, IoU after): {undone}\n--- backend log ---\n"
         f"{backend_log_since(backend, offset)[-2000:]}")
 
+    check_score_column(ls, project_id, task_id, "after the correction")
+
     # 6. The prediction in the editor: reopen the task, pick the newest prediction, go to the frame.
     open_task(page, ls, project_id, task_id)
     wait_video_editor(page)
     show_prediction(page, second["id"])
     seek_frame(page, target)
     shot(page, shots, f"{tag}-5-prediction-frame-{target}")
+
+
+def check_score_column(ls: LabelStudio, project_id: int, task_id: int, when: str) -> float:
+    """The Data Manager's prediction-score column (what "sort by score" sorts): Label Studio 1.23.2
+    averages only the predictions whose model version is the connected backend's."""
+    deadline = time.monotonic() + 15  # the backend points the project at its version a moment after posting
+    while True:
+        r = ls.api("GET", "/api/tasks/", params={"project": project_id, "fields": "all"})
+        assert r.status_code == 200, r.text[:300]
+        body = r.json()
+        row = next(t for t in (body["tasks"] if isinstance(body, dict) else body) if t["id"] == task_id)
+        if row.get("predictions_score") is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    ours = [p["score"] for p in predictions(ls, task_id) if p["model_version"].startswith("lazyxmem-")]
+    assert row.get("predictions_score") is not None, f"{when}: the score column is blank ({row.get('predictions_score')})"
+    assert abs(row["predictions_score"] - sum(ours) / len(ours)) < 1e-6, (row["predictions_score"], ours)
+    print(f"[e2e journey] score column {when}: {row['predictions_score']:.4f}")
+    return row["predictions_score"]
+
+
+def reviewer_view(page: Any, ls: LabelStudio, project_id: int, task_id: int, pred: dict, shots: Path, tag: str,
+                  jump_ls: int) -> None:
+    review = [r for r in pred["result"] if r["type"] == "timelinelabels"
+              and r["value"]["timelinelabels"] == ["Needs review"]]
+    notes = {r["id"]: r["value"]["text"][0] for r in pred["result"] if r["type"] == "textarea"}
+    assert review, f"the prediction has no review span: {[r['type'] for r in pred['result']]}"
+    spans = [(r["value"]["ranges"][0]["start"], r["value"]["ranges"][0]["end"]) for r in review]
+    assert all(b - a + 1 >= 5 for a, b in spans), f"a span a timeline can hardly show: {spans}"
+    texts = [notes[r["id"]] for r in review]
+    for (a, b), text in zip(spans, texts):
+        assert text.startswith(f"Object 1: frames {a}-{b}, check "), text
+    peaks = [int(re.search(r"check (\d+)", t).group(1)) for t in texts]
+    assert peaks[0] >= jump_ls, f"the most uncertain span is before the object's jump (frame {jump_ls}): {texts}"
+    open_task(page, ls, project_id, task_id)
+    wait_video_editor(page)
+    show_prediction(page, pred["id"])
+    page.wait_for_function("n => [...document.querySelectorAll('.lsf-outliner-item__ocr')].length >= n",
+                           arg=len(review), timeout=10_000)
+    # The notes are the values of the per-region text fields under each region, top to bottom.
+    listed = page.evaluate("() => [...document.querySelectorAll('.lsf-outliner-tree textarea, "
+                           ".lsf-outliner-tree input')].map(e => e.value).filter(v => v)")
+    assert listed == texts, f"the Regions panel lists {listed}, the prediction's spans in order are {texts}"
+    rows_js = """() => [...document.querySelectorAll('.lsf-keypoints')].map(k => ({
+        name: (k.querySelector('.lsf-keypoints__name') || {}).innerText,
+        spans: k.querySelectorAll('.lsf-keypoints__lifespan').length}))"""
+    try:
+        page.wait_for_function(f"n => ({rows_js})().filter(r => r.name === 'Needs review').length >= n",
+                               arg=len(review), timeout=10_000)
+    except Exception:
+        pass  # the assertion below says what the timeline shows
+    rows = page.evaluate(rows_js)
+    assert sum(1 for r in rows if r["name"] == "Needs review" and r["spans"] >= 1) == len(review), rows
+    seek_frame(page, peaks[0])
+    shot(page, shots, f"{tag}-2b-review-frame-{peaks[0]}")
+    print(f"[e2e journey] {tag}: review spans {spans}, notes {texts}")
 
 
 # --- the image-sequence journey ----------------------------------------------------------------
