@@ -323,9 +323,11 @@ def video_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequen
     names = dict(objects)
     if cfg.review is not None and REVIEW_LABEL in cfg.review.labels:
         for k, span in enumerate(spans):
-            shown = fmap.ls_frames_of(list(range(span.start, span.end + 1)))
+            # A decoded frame Label Studio never shows (its rate below the video's) is named by
+            # the frame it seeks to for it.
+            shown = fmap.ls_frames_of(list(range(span.start, span.end + 1))) or [fmap.to_ls(span.start) - 1]
             first, last = min(shown) + 1, max(shown) + 1
-            peak = fmap.ls_frames_of([span.peak])[0] + 1
+            peak = min(max(fmap.to_ls(span.peak), first), last)
             rid = f"lazyxmem-review-{span.label}-{k}"
             out.append({"id": rid, "from_name": cfg.review.name, "to_name": cfg.object_tag, "type": "timelinelabels",
                         "value": {"ranges": [{"start": first, "end": last}], "timelinelabels": [REVIEW_LABEL]}})

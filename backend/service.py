@@ -241,9 +241,10 @@ class Service:
     # -- predictions -----------------------------------------------------------------------------
     def prediction(self, state: TaskState) -> dict:
         """The task's prediction from its current view. The model version is the backend's own,
-        the same for every revision: Label Studio's Data Manager averages only the scores of
-        predictions whose version equals the connected backend's, and one of ours stays current
-        (the older ones are retired when it is posted), so the revision is a field of its own."""
+        the same for every revision: Label Studio's Data Manager scores, and its labeling stream
+        shows, only predictions of the project's model version (pointed at ours: see
+        ``check_version_soon``), and one of ours stays current (the older ones are retired when it
+        is posted), so the revision is a field of its own."""
         with state.meta_lock:
             view, revision = state.view, state.revision
         masks = view.frame_masks()
@@ -543,8 +544,8 @@ class Service:
         def check() -> None:
             settled = None
             try:
-                self.ls.show_our_version(project, self.model_version)
-                settled = time.monotonic()
+                if self.ls.show_our_version(project, self.model_version) != "unset":  # unset: not named yet
+                    settled = time.monotonic()
             except Exception as exc:  # no prediction of ours there yet (400), or Label Studio away
                 log.info("project %s: prediction version not set yet (Label Studio answers %s)", project,
                          upstream_status(exc) or type(exc).__name__)
