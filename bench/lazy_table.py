@@ -1,12 +1,12 @@
 """The Lazy benchmark (first-frame masks only), all modes and both correction kinds side by side.
 
-    python bench/lazy_table.py [--data DIR] [--engine embedded] [--refiner embedded] [--rand-seeds 3]
+    python bench/lazy_table.py [--data DIR] [--engine embedded] [--refiner embedded] [--rand-seeds 5]
                                [--score combined|S] [--out runs/bench]
 
 Rows: no interaction; then for each correction kind -- ``click`` (the TP robot's click, turned
 into a mask by the refiner: GrabCut for the embedded one) and ``mask`` (the ground-truth mask, an
 upper bound on what a correction can give) -- Lazy and Rand-Lazy at Lazy's budget per sequence
-(one run per seed, and their mean). Columns: the paper's Table S1 figures, fps, the Lazy layer's
+(one run per seed, and their mean; below the table the draws' spread and Lazy's margins). Columns: the paper's Table S1 figures, fps, the Lazy layer's
 share of the time, and the pooled Spearman with 1 - IoU of S alone and of S + F (the failure
 score, ``lazyxmem_core/failure.py``). A second table gives the per-sequence Spearman of the run
 without interaction, and, for data with ``composites.FOLDS``, the figures per fold. Writes
@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--refiner", default="embedded")
     p.add_argument("--kinds", default="click,mask", help="correction kinds: click (robot click -> refiner), mask (GT)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rand-seeds", type=int, default=3, help="Rand-Lazy runs, seeds --seed, --seed+1, ...")
+    p.add_argument("--rand-seeds", type=int, default=5, help="Rand-Lazy runs, seeds --seed, --seed+1, ...")
     p.add_argument("--score", choices=("combined", "S"), default=None,
                    help="what the triggers use (default: the engine's; S = the paper's triggers)")
     p.add_argument("--no-backward", action="store_true", help="corrections change only the frames after them")
@@ -71,6 +71,9 @@ def main() -> None:
         return summaries[key]
 
     run("none", "none")
+    margins = ["", "Lazy against the random draws (J&F):", "",
+               "| correction | Lazy | Rand-Lazy mean | sd | min-max | Lazy - Rand-Lazy mean | Lazy - none | draws Lazy beats | rate % |",
+               "|---|---|---|---|---|---|---|---|---|"]
     for kind in a.kinds.split(","):
         correction = KINDS[kind]
         lazy = run(f"Lazy, {kind}", "lazy", correction)
@@ -78,6 +81,12 @@ def main() -> None:
         seeds = range(a.seed, a.seed + max(1, a.rand_seeds))
         runs = [run(f"Rand-Lazy, {kind}, seed {seed}", "rand-lazy", correction, seed, budgets) for seed in seeds]
         summaries[f"Rand-Lazy, {kind}, mean of {len(runs)}"] = _mean(runs)
+        jf = [r["J&F"] for r in runs]
+        margins.append(
+            f"| {kind} | {100 * lazy['J&F']:.1f} | {100 * np.mean(jf):.1f} | "
+            f"{100 * np.std(jf, ddof=1) if len(jf) > 1 else float('nan'):.1f} | {100 * min(jf):.1f}-{100 * max(jf):.1f} | "
+            f"{100 * (lazy['J&F'] - np.mean(jf)):+.1f} | {100 * (lazy['J&F'] - summaries['none']['J&F']):+.1f} | "
+            f"{sum(lazy['J&F'] > x for x in jf)} of {len(jf)} | {100 * lazy['interaction_rate']:.2f} |")
 
     header = ["| mode | J&F | J | F | R@0.5 | N_oI | rate % | fps | Lazy layer | Spearman S | Spearman S+F |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -87,7 +96,7 @@ def main() -> None:
     for name, s in summaries["none"]["sequences"].items():
         per_seq.append(f"| {name} | {100 * s['J&F']:.1f} | {s['spearman_S_error']:.3f} | {s['spearman_failure_error']:.3f} |")
     folds = _folds(summaries)
-    table = "\n".join(rows + per_seq + folds)
+    table = "\n".join(rows + margins + per_seq + folds)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")
