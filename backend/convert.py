@@ -357,7 +357,27 @@ def image_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequen
                   review: Iterable[int], pseudo: Iterable[int], spans: Sequence[ReviewSpan] = ()) -> list[dict]:
     """BrushLabels masks per object per item, per-item review choices on the requested items, and a
     "Needs review" marker per review span on its most uncertain item (in the spans' order, with
-    its note when the config has a per-region TextArea)."""
+    its note when the config has a per-region TextArea). The markers come first: the Regions panel
+    lists regions in this order, the reviewer's list on top of the per-item masks."""
+    markers: list[dict] = []
+    if cfg.review_box is not None:
+        names = dict(objects)
+        for k, span in enumerate(spans):
+            t = span.peak
+            h, w = masks[t].shape
+            # A marker in the frame's corner, not a box around the objects: in Label Studio 1.23.2
+            # a region takes the clicks made inside it (it gets selected), so a box over the
+            # object would swallow the very clicks that correct it. Listed in the Regions panel,
+            # a click on it still jumps to the frame.
+            box = REVIEW_MARKER
+            rid = f"lazyxmem-review-{span.label}-{k}"
+            markers.append({"id": rid, "from_name": cfg.review_box.name, "to_name": cfg.object_tag,
+                            "type": "rectanglelabels", "item_index": t, "original_width": w, "original_height": h,
+                            "image_rotation": 0,
+                            "value": {"x": box[0], "y": box[1], "width": box[2], "height": box[3], "rotation": 0,
+                                      "rectanglelabels": [REVIEW_LABEL]}})
+            markers.extend({**r, "item_index": t}
+                           for r in review_note(cfg, rid, span, names, "items", span.start + 1, span.end + 1, t + 1))
     out = []
     for t, m in enumerate(masks):
         h, w = m.shape
@@ -379,25 +399,7 @@ def image_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequen
             if choices:
                 out.append({"id": f"lazyxmem-mark-{t}", "from_name": cfg.review.name, "to_name": cfg.object_tag,
                             "type": "choices", "item_index": t, "value": {"choices": choices}})
-    if cfg.review_box is not None:
-        names = dict(objects)
-        for k, span in enumerate(spans):
-            t = span.peak
-            h, w = masks[t].shape
-            # A marker in the frame's corner, not a box around the objects: in Label Studio 1.23.2
-            # a region takes the clicks made inside it (it gets selected), so a box over the
-            # object would swallow the very clicks that correct it. Listed in the Regions panel,
-            # a click on it still jumps to the frame.
-            box = REVIEW_MARKER
-            rid = f"lazyxmem-review-{span.label}-{k}"
-            out.append({"id": rid, "from_name": cfg.review_box.name, "to_name": cfg.object_tag,
-                        "type": "rectanglelabels", "item_index": t, "original_width": w, "original_height": h,
-                        "image_rotation": 0,
-                        "value": {"x": box[0], "y": box[1], "width": box[2], "height": box[3], "rotation": 0,
-                                  "rectanglelabels": [REVIEW_LABEL]}})
-            out.extend({**r, "item_index": t}
-                       for r in review_note(cfg, rid, span, names, "items", span.start + 1, span.end + 1, t + 1))
-    return out
+    return markers + out
 
 
 def interactive_results(cfg: LabelConfig, answers: dict[tuple[int, int], np.ndarray],

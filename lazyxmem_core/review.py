@@ -1,5 +1,5 @@
-"""What a reviewer is pointed at: per object, the stretches of frames its own uncertainty says
-are most likely wrong, most uncertain first.
+"""What a reviewer is pointed at: per object, the stretches of frames the controller asked about
+and those its own uncertainty says are most likely wrong, in that order, most uncertain first.
 
 The controller asks about single frames (where a trigger fired); a one-frame mark is a tick a
 reviewer can hardly find on a timeline, and the frames after it stay doubtful until the next
@@ -28,8 +28,10 @@ class ReviewSpan:
 
 def review_spans(view: SessionView, per_object: int = 3, min_frames: int = 5, max_frames: int = 50,
                  floor: float = 0.05) -> list[ReviewSpan]:
-    """Up to ``per_object`` spans per object, objects in label order, each object's spans most
-    uncertain first; every unanswered request gets a span even past ``per_object``.
+    """Up to ``per_object`` spans per object, objects in label order; each object's spans that
+    hold an unanswered request first (every request gets one, even past ``per_object``: the
+    controller weighed more than one frame's score to ask), then the others, each group most
+    uncertain first.
 
     A span grows from its seed frame while the uncertainty stays at or above half the seed's
     (and above the object's median: the object's usual level is not a reason to look), never over
@@ -93,5 +95,5 @@ def review_spans(view: SessionView, per_object: int = 3, min_frames: int = 5, ma
             if not seen[t] or values[t] < floor or t in anchors or covered(t):
                 continue
             add(t, False)
-        spans.extend(sorted(taken, key=lambda s: -s.uncertainty))
+        spans.extend(sorted(taken, key=lambda s: (not s.requested, -s.uncertainty)))
     return spans

@@ -29,14 +29,16 @@ def test_a_drift_is_one_span_around_its_peak_and_stops_at_the_anchor():
     assert not s.requested
 
 
-def test_requests_always_get_a_span_and_spans_come_most_uncertain_first():
+def test_requests_always_get_a_span_and_come_first_then_the_most_uncertain():
     u = [0.02] * 60
     u[10] = 0.2   # asked by the controller, but not the most uncertain
     u[40] = 0.9
     u[50] = 0.6
     spans = review_spans(view({1: u}, requests={1: (10,)}), per_object=2)
-    assert [s.peak for s in spans] == [40, 10]  # the request stays past per_object's second slot
-    assert [s.requested for s in spans] == [False, True]
+    assert [s.peak for s in spans] == [10, 40]  # the request, then the most uncertain; 50 is third
+    assert [s.requested for s in spans] == [True, False]
+    spans = review_spans(view({1: u}, requests={1: (10, 50)}), per_object=2)
+    assert [s.peak for s in spans] == [50, 10]  # both requests, most uncertain first, fill the slots
     for s in spans:  # a lone frame becomes a span a timeline can show
         assert s.end - s.start + 1 >= 5 and s.start <= s.peak <= s.end
 
@@ -67,12 +69,14 @@ def test_spans_become_regions_with_their_notes_in_order():
     from lazyxmem_core.review import ReviewSpan
 
     spans = [ReviewSpan(1, 2, 6, 4, 0.7, True), ReviewSpan(1, 8, 9, 9, 0.3, False)]
-    masks = [np.zeros((4, 4), np.uint8)] * 10
+    masks = [np.pad(np.ones((2, 2), np.uint8), 1)] * 10  # object 1 on every item
     images = parse_label_config(Path("backend/configs/image_sequence.xml").read_text())
     out = convert.image_results(images, masks, [(1, "Object")], [4], [], spans)
     markers = [r for r in out if r["from_name"] == images.review_box.name]
     notes = {r["id"]: r for r in out if r["type"] == "textarea"}
     assert [m["item_index"] for m in markers] == [4, 9]  # each span's most uncertain item, in the spans' order
+    first_brush = next(k for k, r in enumerate(out) if r["type"] == "brushlabels")
+    assert all(out.index(m) < first_brush for m in markers), "the reviewer's list tops the Regions panel"
     assert [notes[m["id"]]["value"]["text"][0] for m in markers] == [
         "Object 1: items 3-7, check 5 (asked)", "Object 1: items 9-10, check 10"]
     assert [r["item_index"] for r in out if r["type"] == "choices"] == [4]  # the asked item keeps its choice
@@ -105,5 +109,6 @@ def test_a_sessions_requests_are_inside_spans_marked_asked():
     spans = review_spans(v)
     for t in session.review_frames:  # every request is inside a span marked as asked
         assert any(s.requested and s.start <= t <= s.end for s in spans), (t, spans)
-    assert [s.uncertainty for s in spans] == sorted((s.uncertainty for s in spans), reverse=True)
+    asked = [s.uncertainty for s in spans if s.requested]
+    assert spans[:len(asked)] == [s for s in spans if s.requested] and asked == sorted(asked, reverse=True)
     assert all(s.peak != 0 for s in spans), "the given frame is an anchor, never the frame to check"

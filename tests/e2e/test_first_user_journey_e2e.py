@@ -377,8 +377,8 @@ def test_video_journey(label_studio: LabelStudio, backend_server: Backend, ls_pa
         return
 
     # 2b. The reviewer's view of that prediction: the review spans, in the Regions panel in order
-    # with their notes, and as spans on the timeline; the most uncertain one is where the object
-    # was lost (after the jump), not where the user's box holds it.
+    # with their notes, and as spans on the timeline; the first one reaches where the object was
+    # lost (the jump), not only where the user's box holds it.
     reviewer_view(page, ls, project_id, task_id, first, shots, tag, jump_ls=next(
         k for k in range(1, count + 1) if shows[k - 1] >= jump))
     open_task(page, ls, project_id, task_id)  # back to the user's own annotation (Label Studio opens it)
@@ -490,7 +490,7 @@ def reviewer_view(page: Any, ls: LabelStudio, project_id: int, task_id: int, pre
     for (a, b), text in zip(spans, texts):
         assert text.startswith(f"Object 1: frames {a}-{b}, check "), text
     peaks = [int(re.search(r"check (\d+)", t).group(1)) for t in texts]
-    assert peaks[0] >= jump_ls, f"the most uncertain span is before the object's jump (frame {jump_ls}): {texts}"
+    assert spans[0][1] >= jump_ls, f"the first span ends before the object's jump (frame {jump_ls}): {texts}"
     open_task(page, ls, project_id, task_id)
     wait_video_editor(page)
     show_prediction(page, pred["id"])
@@ -631,6 +631,29 @@ def test_image_sequence_journey(label_studio: LabelStudio, backend_server: Backe
         assert len(on) >= ON_OBJECT_SHARE * ITEM_JUMP, (
             f"prediction {p['id']}: the masks are on the object on items {on} of 0..{ITEM_JUMP - 1}; "
             f"IoU {np.round(ious, 2)}")
+
+    # 2b. The reviewer's view: a "Needs review" marker per review span, on top of the Regions
+    # panel with its note, the first reaching where the object was lost.
+    markers = [r for r in first["result"] if r["from_name"] == "review_box"]
+    notes = {r["id"]: r["value"]["text"][0] for r in first["result"] if r["type"] == "textarea"}
+    assert markers, "the prediction has no review marker"
+    texts = [notes[m["id"]] for m in markers]
+    last = int(re.search(r"items \d+-(\d+)", texts[0]).group(1))
+    assert last >= ITEM_JUMP + 1, f"the first span ends before the object's jump (item {ITEM_JUMP + 1}): {texts}"
+    open_task(page, ls, project.id, task_id)
+    page.wait_for_selector(".lsf-label:has-text('Object: box')")
+    show_prediction(page, first["id"])
+    page.wait_for_function("n => [...document.querySelectorAll('.lsf-outliner-tree textarea, .lsf-outliner-tree "
+                           "input')].filter(e => e.value).length >= n", arg=len(texts), timeout=10_000)
+    listed = page.evaluate("() => [...document.querySelectorAll('.lsf-outliner-tree textarea, "
+                           ".lsf-outliner-tree input')].map(e => e.value).filter(v => v)")
+    assert listed == texts, f"the Regions panel lists {listed}, the prediction's spans in order are {texts}"
+    labels = page.evaluate("() => [...document.querySelectorAll('.lsf-outliner-item__title')].map(e => e.innerText)")
+    assert all(t.startswith("Needs review") for t in labels[:len(texts)]), f"not on top of the panel: {labels[:8]}"
+    shot(page, shots, "images-2b-review-list")
+    print(f"[e2e journey] images: review notes {texts}")
+    open_task(page, ls, project.id, task_id)  # back to the user's own annotation
+    page.wait_for_selector(".lsf-label:has-text('Object: box')")
 
     # 3. An item after the jump: paint the object there with the brush, Update.
     target = ITEM_JUMP + 6  # 0-based
