@@ -92,8 +92,9 @@ def review_spans(view: SessionView, per_object: int = 3, min_frames: int = 5, ma
             if len(taken) >= per_object:
                 break
             t = int(t)
-            if not seen[t] or values[t] < floor or t in anchors or covered(t):
-                continue
-            add(t, False)
+            if not seen[t] or values[t] < floor:
+                break  # the order is descending: the rest are lower, or never seen
+            if t not in anchors and not covered(t):
+                add(t, False)
         spans.extend(sorted(taken, key=lambda s: (not s.requested, -s.uncertainty)))
     return spans
