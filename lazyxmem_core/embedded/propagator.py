@@ -61,7 +61,7 @@ class EmbeddedPropagator:
     # its 95th percentile (0.35) pseudo-corrects (with a refiner that can: SAM). The UDU veto on
     # S (97th percentile 1.2) and on F > tau_f (veto_f). Requests for one object at least 8
     # frames apart. The request parameters were chosen by cross-validation (bench/lazy_cv.py:
-    # 14 settings, Lazy's J&F with ground-truth corrections under the 2 % budget, chosen on one
+    # 16 settings, Lazy's J&F with ground-truth corrections under the 2 % budget, chosen on one
     # fold of five development sequences and scored on the other): this setting is the best on
     # the whole development set and on each fold within the budget but for a 0.03 J&F tie on
     # fold 0; Lazy 76.5 against Rand-Lazy 73.0 (mean of 5 seeds) and no interaction 64.6 at
