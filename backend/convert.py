@@ -325,8 +325,8 @@ def video_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequen
         for k, span in enumerate(spans):
             # A decoded frame Label Studio never shows (its rate below the video's) is named by
             # the frame it seeks to for it.
-            shown = fmap.ls_frames_of(list(range(span.start, span.end + 1))) or [fmap.to_ls(span.start) - 1]
-            first, last = min(shown) + 1, max(shown) + 1
+            ls_frames = fmap.ls_frames_of(list(range(span.start, span.end + 1))) or [fmap.to_ls(span.start) - 1]
+            first, last = min(ls_frames) + 1, max(ls_frames) + 1
             peak = min(max(fmap.to_ls(span.peak), first), last)
             rid = f"lazyxmem-review-{span.label}-{k}"
             out.append({"id": rid, "from_name": cfg.review.name, "to_name": cfg.object_tag, "type": "timelinelabels",
@@ -343,8 +343,8 @@ def video_results(cfg: LabelConfig, masks: Sequence[np.ndarray], objects: Sequen
 def review_note(cfg: LabelConfig, region_id: str, span: ReviewSpan, names: Mapping[int, str], unit: str,
                 first: int, last: int, peak: int) -> list[dict]:
     """The text under a review region in the Regions panel: which object, which frames (in Label
-    Studio's numbering), the one to check first, and whether the controller asked about it; the
-    regions come most uncertain first, so the order is the ranking."""
+    Studio's numbering), the one to check first, and whether the controller asked about it (the
+    regions come in the spans' order: asked first, then the most uncertain)."""
     if cfg.review_note is None:
         return []
     where = f"{unit} {first}-{last}" if last > first else f"{unit[:-1]} {first}"
