@@ -76,7 +76,8 @@ class BackendSettings:
     job_timeout_s: int = 6 * 3600
     # Queued (not yet running) jobs one Label Studio project may hold; past it a submission is a 422.
     max_queued_per_project: int = 200
-    # Review spans listed per object (most uncertain first); every unanswered request gets one besides.
+    # Review spans listed per object (those asked about first, then the most uncertain); every unanswered
+    # request gets one besides.
     review_spans: int = 3
     engine: EngineSettings = field(default_factory=EngineSettings)
     lazy: LazyConfig | None = None  # None: the engine's thresholds, object-loss detection on
