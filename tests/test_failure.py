@@ -286,3 +286,57 @@ def test_fail_ask_off_leaves_tau_f_to_the_veto():
         assert lost
     assert asks[True] and not asks[False]
     assert writes[False] and all(w is False for w in writes[False])  # still vetoed
+
+
+def test_an_ask_window_moves_the_request_to_the_peak_after_the_trigger_and_replays_from_there():
+    from lazyxmem_core import Correction
+
+    img, mask = scene()
+    n, k = 40, 6
+    given = {0: mask.astype(np.uint8)}
+    base = dict(pseudo=False, udu=False, tau_u=5.0, tau_s=None, score="combined", tau_f=0.5, tau_f_step=99.0)
+    # The loss without any request: the score S + F the triggers see, frame by frame.
+    trace = LazySession(Shrinking(img, mask, 30), FramesOf(img, n), given, config=LazyConfig(**base, user=False))
+    trace.run()
+    score = {t: r.objects[1].S + trace.failure_scores[t][1] for t, r in trace.records.items() if t > 0}
+    fired = min(t for t in range(1, n) if trace.failure_scores[t][1] > 0.5)
+    window = [fired + i for i in range(k + 1)]
+    peak = max(window, key=lambda t: (score[t], -t))
+    assert peak > fired  # the score still rises after the trigger: the window moves the request
+
+    at_once = LazySession(Shrinking(img, mask, 30), FramesOf(img, n), given, config=LazyConfig(**base),
+                          user=whole_object(mask))
+    at_once.run()
+    assert [t for t, r in sorted(at_once.records.items()) if r.objects[1].decision is Decision.USER] == [fired]
+
+    shown: list[int] = []
+
+    def user(req):
+        shown.append(req.frame_index)
+        assert req.mask.sum() < mask.sum()  # the request shows the object's mask on the peak frame
+        return Correction(mask=mask.copy())
+
+    windowed = LazySession(Shrinking(img, mask, 30), FramesOf(img, n), given, config=LazyConfig(**base, ask_window=k),
+                           user=user)
+    windowed.run()
+    asked = [t for t, r in sorted(windowed.records.items()) if r.objects[1].decision is Decision.USER]
+    assert shown == asked == [peak]
+    assert windowed.records[peak].objects[1].answered and windowed._n_user == 1
+    assert sorted(windowed.records) == list(range(n))  # every frame once, after the rewind too
+    # Frames before the peak keep the uncorrected masks; from the peak on the object is whole again.
+    for t in range(1, peak):
+        assert windowed.failure_scores[t][1] == pytest.approx(trace.failure_scores[t][1])
+    assert (windowed.records[peak].mask == 1).sum() == mask.sum()
+    assert windowed.failure_scores[peak + 1][1] < 0.2
+
+    # Deferred: the peak is the review frame, and its correction gives what the on-the-fly run gave.
+    deferred = LazySession(Shrinking(img, mask, 30), FramesOf(img, n), given, config=LazyConfig(**base, ask_window=k))
+    deferred.run()
+    assert deferred.review_frames == [peak] and deferred.view().requests[1] == (peak,)
+    deferred.correct({(peak, 1): Correction(mask=mask.copy())})
+    assert deferred.review_frames == []
+    for t in range(n):
+        assert np.array_equal(deferred.records[t].mask, windowed.records[t].mask), t
+
+    with pytest.raises(ValueError, match="ask_window"):
+        LazySession(Shrinking(img, mask, 30), FramesOf(img, n), given, config=LazyConfig(**base, ask_window=-1))
