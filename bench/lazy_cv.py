@@ -63,10 +63,6 @@ GRID: dict[str, dict] = {
     # has cost frames, and backward revision repairs the frames before the request.
     "fi2-20-pure": {**PREVIOUS, "tau_u": 99.0, "tau_s": None, "fail_ask": False, "tau_fi": 20.0, "fi_floor": 2.0},
     "fi2-10-pure": {**PREVIOUS, "tau_u": 99.0, "tau_s": None, "fail_ask": False, "tau_fi": 10.0, "fi_floor": 2.0},
-    # fi2-20-only, each request moved to the peak of the trigger score in the k frames after the
-    # trigger fired (LazyConfig.ask_window).
-    **{f"fi2-20-win{k}": {**PREVIOUS, "tau_f_step": 99.0, "tau_u": 99.0, "tau_s": None, "tau_fi": 20.0, "fi_floor": 2.0,
-                          "ask_window": k} for k in (5, 10, 15, 20)},
 }
 
 
@@ -83,14 +79,12 @@ def _config(config: LazyConfig) -> dict:
         values.pop("fi_floor", None)
     if values.get("fail_ask", True):
         values.pop("fail_ask", None)
-    if values.get("ask_window", 0) == 0:
-        values.pop("ask_window", None)
     return values
 
 
 # What only the triggers read: Rand-Lazy (its requests forced, its triggers off) runs the same
 # whatever these are, so its cache key leaves them out and candidates share its runs.
-TRIGGER_ONLY = ("tau_u", "tau_s", "level_run", "tau_f_step", "fail_ask", "ask_window", "min_user_gap", "tau_fi", "fi_floor", "user_budget",
+TRIGGER_ONLY = ("tau_u", "tau_s", "level_run", "tau_f_step", "fail_ask", "min_user_gap", "tau_fi", "fi_floor", "user_budget",
                 "detect_loss", "loss_ratio", "loss_min_area")
 
 

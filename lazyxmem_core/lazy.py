@@ -85,13 +85,6 @@ class LazyConfig:
     tau_fi: float | None = None
     fi_floor: float = 2.0
     failure_weights: tuple[tuple[str, float], ...] | None = None  # None: failure.DEFAULT_WEIGHTS
-    # Where to ask (not in the paper). 0: on the frame where a trigger fires. k > 0: the trigger
-    # opens a window of k more frames for the object, and the request goes to the frame in it
-    # where the object's trigger score peaks: the failure is seen whole before a frame is picked,
-    # as a reviewer of a propagated video sees it. On the fly the session then rewinds to that
-    # frame (from its nearest kept state) and re-propagates after the answer; deferred, that
-    # frame becomes the review frame.
-    ask_window: int = 0
     measure_failure: bool = True  # compute F (for reports) even when the triggers do not use it
 
     @classmethod
@@ -176,8 +169,6 @@ class LazySession:
         self._fail_asks: dict[int, int] = {}  # label -> requests made by the failure trigger (tau_f)
         self._fail_sum: dict[int, float] = {}  # label -> excess of F over fi_floor since its last request
         self._fi_asks: dict[int, int] = {}  # label -> requests made by the integrated failure trigger (tau_fi)
-        # label -> [frame the trigger fired, best frame so far, its score] while an ask window is open
-        self._windows: dict[int, list] = {}
         # frame -> label -> failure score F (objects with an anchor before the frame), and the
         # figures it was weighed from: what reports correlate with the error.
         self.failure_scores: dict[int, dict[int, float]] = {}
@@ -192,8 +183,6 @@ class LazySession:
         if self.config.max_snapshots < 1:
             raise ValueError(f"max_snapshots must be >= 1 (the first frame's state is always kept), "
                              f"got {self.config.max_snapshots}")
-        if self.config.ask_window < 0:
-            raise ValueError(f"ask_window must be >= 0 frames, got {self.config.ask_window}")
         if self.config.tau_s is not None and self.config.level_run < 1:
             raise ValueError(f"level_run must be >= 1 frame, got {self.config.level_run}")
         if self.config.pseudo and self.refiner is None:
@@ -204,13 +193,10 @@ class LazySession:
         """Process the frames from where the session stands to ``until`` (exclusive; default: the end)."""
         end = len(self.frames) if until is None else min(until, len(self.frames))
         while self._next < end:
-            t = self._next
-            self._process(t)
+            self._process(self._next)
             self._next += 1
             if progress is not None:
                 progress(1)
-            if self._windows:
-                self._close_windows(t)
         return self.ordered_records()
 
     def ordered_records(self) -> list[FrameRecord]:
@@ -244,13 +230,6 @@ class LazySession:
                 raise ValueError(f"correction on frame {t} precedes the first annotated frame {self.start}")
             self._replay.corrections[(int(t), int(label))] = corr
         first = min(t for t, _ in corrections)
-        resume = self._rewind(first)
-        self.run(until=max(end, first + 1), progress=progress)
-        return resume
-
-    def _rewind(self, first: int) -> int:
-        """Restore the nearest kept state at or before frame ``first`` and forget what was
-        computed from there on; the next :meth:`run` recomputes it. Returns the frame resumed at."""
         resume = max((s for s in self._snapshots if s <= first), default=None)
         if resume is None:  # nothing kept: start over
             self.propagator.reset()
@@ -271,41 +250,8 @@ class LazySession:
         for s in [s for s in self._snapshots if s > resume]:
             del self._snapshots[s]
         self._next = resume
+        self.run(until=max(end, first + 1), progress=progress)
         return resume
-
-    # -- ask windows ---------------------------------------------------------------------
-    def _close_windows(self, t: int) -> None:
-        """Track each open ask window's peak on frame t; close the windows that end here (or at the
-        video's end): the request goes to the peak frame."""
-        combined = self.config.score == "combined"
-        rec = self.records[t]
-        rewind: int | None = None
-        for label, window in list(self._windows.items()):
-            opened, _, best_score = window
-            o = rec.objects.get(label)
-            if o is not None and t > opened:
-                if o.decision is Decision.USER:  # answered (a replayed request) or marked here
-                    del self._windows[label]
-                    continue
-                score = o.S + (self.failure_scores.get(t, {}).get(label, 0.0) if combined else 0.0)
-                if score > best_score:
-                    window[1], window[2] = t, score
-            if t < opened + self.config.ask_window and t < len(self.frames) - 1:
-                continue
-            del self._windows[label]
-            best = window[1]
-            peak = self.records[best]
-            if self.user is None:  # deferred: the peak frame becomes the review frame
-                peak.objects[label].decision = Decision.USER
-                self._n_user += 1
-                continue
-            corr = self.user(UserRequest(best, label, self.frames[best], peak.mask == label,
-                                         peak.objects[label].S, peak.objects[label].dS))
-            if corr is not None:
-                self._replay.corrections[(best, label)] = corr
-                rewind = best if rewind is None else min(rewind, best)
-        if rewind is not None:
-            self._rewind(rewind)  # run() goes on from there: the answer is applied on the way
 
     # -- one frame -----------------------------------------------------------------------
     def _process(self, t: int) -> None:
@@ -523,47 +469,36 @@ class LazySession:
             return self._count_user(t, label)
         value = S if cfg.trigger == "S" else dS
         if cfg.user and value is not None and value > cfg.tau_u and self._user_allowed(t, label):
-            return self._ask(t, label, S)
+            return self._count_user(t, label)
         if cfg.tau_s is not None:
             run = self._high_run[label] = self._high_run.get(label, 0) + 1 if S > cfg.tau_s else 0
             asked = self._level_asks.get(label, 0)
             if cfg.user and run >= cfg.level_run * 2 ** asked and self._user_allowed(t, label):
                 self._level_asks[label] = asked + 1
-                return self._ask(t, label, S)
+                return self._count_user(t, label)
         if cfg.user and cfg.fail_ask and cfg.tau_f is not None and F is not None:
             asked = self._fail_asks.get(label, 0)
             if F > cfg.tau_f + cfg.tau_f_step * asked and self._user_allowed(t, label):
                 self._fail_asks[label] = asked + 1
-                return self._ask(t, label, S)
+                return self._count_user(t, label)
         if cfg.user and cfg.tau_fi is not None and F is not None:
             total = self._fail_sum[label] = self._fail_sum.get(label, 0.0) + max(0.0, F - cfg.fi_floor)
             asked = self._fi_asks.get(label, 0)
             if total > cfg.tau_fi * 2 ** asked and self._user_allowed(t, label):
                 self._fi_asks[label] = asked + 1
-                return self._ask(t, label, S)
+                return self._count_user(t, label)
         if cfg.detect_loss and vanished and self._user_allowed(t, label):
-            return self._ask(t, label, S)  # the propagator itself says the object just went
+            return self._count_user(t, label)  # the propagator itself says the object just went
         prev_area = self._prev_area.get(label, 0)
         if (cfg.detect_loss and prev_area >= cfg.loss_min_area and area < cfg.loss_ratio * prev_area
                 and self._user_allowed(t, label)):
-            return self._ask(t, label, S)
+            return self._count_user(t, label)
         if cfg.pseudo and value is not None and value > cfg.tau_p:
             return Decision.PSEUDO
         return Decision.NONE
 
-    def _ask(self, t: int, label: int, score: float) -> Decision:
-        """A trigger fired for ``label`` on frame t: ask here, or open an ask window."""
-        if self.config.ask_window == 0:
-            return self._count_user(t, label)
-        self._count_user(t, label)
-        self._n_user -= 1  # counted when the request is made, at the window's peak
-        self._windows[label] = [t, t, score]
-        return Decision.NONE
-
     def _user_allowed(self, t: int, label: int) -> bool:
         cfg = self.config
-        if label in self._windows:
-            return False  # its window is open: the request it will make is on the way
         if cfg.user_budget is not None and self._n_user >= cfg.user_budget:
             return False
         last = self._last_user.get(label)
@@ -639,8 +574,7 @@ class LazySession:
         return {"prev_S": dict(self._prev_S), "prev_area": dict(self._prev_area),
                 "prev_present": dict(self._prev_present), "last_user": dict(self._last_user), "n_user": self._n_user, "high_run": dict(self._high_run),
                 "level_asks": dict(self._level_asks), "fail_asks": dict(self._fail_asks),
-                "fail_sum": dict(self._fail_sum), "fi_asks": dict(self._fi_asks),
-                "windows": {k: list(v) for k, v in self._windows.items()}}
+                "fail_sum": dict(self._fail_sum), "fi_asks": dict(self._fi_asks)}
 
     def _restore_controller(self, state: dict[str, Any]) -> None:
         self._prev_S = dict(state["prev_S"])
@@ -653,12 +587,11 @@ class LazySession:
         self._fail_asks = dict(state["fail_asks"])
         self._fail_sum = dict(state["fail_sum"])
         self._fi_asks = dict(state["fi_asks"])
-        self._windows = {k: list(v) for k, v in state["windows"].items()}
 
     def _reset_controller(self) -> None:
         self._restore_controller({"prev_S": {}, "prev_area": {}, "prev_present": {}, "last_user": {}, "n_user": 0,
                                   "high_run": {}, "level_asks": {}, "fail_asks": {},
-                                  "fail_sum": {}, "fi_asks": {}, "windows": {}})
+                                  "fail_sum": {}, "fi_asks": {}})
 
     def _periodic(self, t: int) -> bool:
         return t == self.start or (t - self.start) % max(1, self.config.snapshot_every) == 0
