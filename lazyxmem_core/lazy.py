@@ -85,6 +85,11 @@ class LazyConfig:
     tau_fi: float | None = None
     fi_floor: float = 2.0
     failure_weights: tuple[tuple[str, float], ...] | None = None  # None: failure.DEFAULT_WEIGHTS
+    # A fired trigger asks ask_delay frames later (on the last frame at the latest; not in the
+    # paper). The failures F sees build up over tens of frames: asked at their onset, one
+    # correction is soon undone and repairs few frames; asked later, backward revision repairs
+    # the frames since the onset and the correction reaches further into the rest of the loss.
+    ask_delay: int = 0
     measure_failure: bool = True  # compute F (for reports) even when the triggers do not use it
 
     @classmethod
@@ -169,6 +174,7 @@ class LazySession:
         self._fail_asks: dict[int, int] = {}  # label -> requests made by the failure trigger (tau_f)
         self._fail_sum: dict[int, float] = {}  # label -> excess of F over fi_floor since its last request
         self._fi_asks: dict[int, int] = {}  # label -> requests made by the integrated failure trigger (tau_fi)
+        self._delayed: dict[int, int] = {}  # label -> frame a fired trigger asks on (ask_delay)
         # frame -> label -> failure score F (objects with an anchor before the frame), and the
         # figures it was weighed from: what reports correlate with the error.
         self.failure_scores: dict[int, dict[int, float]] = {}
@@ -183,6 +189,8 @@ class LazySession:
         if self.config.max_snapshots < 1:
             raise ValueError(f"max_snapshots must be >= 1 (the first frame's state is always kept), "
                              f"got {self.config.max_snapshots}")
+        if self.config.ask_delay < 0:
+            raise ValueError(f"ask_delay must be >= 0 frames, got {self.config.ask_delay}")
         if self.config.tau_s is not None and self.config.level_run < 1:
             raise ValueError(f"level_run must be >= 1 frame, got {self.config.level_run}")
         if self.config.pseudo and self.refiner is None:
@@ -359,6 +367,7 @@ class LazySession:
                 self._prev_S.pop(label, None)
                 self._high_run.pop(label, None)
                 self._fail_sum.pop(label, None)  # ... and so does the sum of F's excess (a new anchor)
+                self._delayed.pop(label, None)  # a delayed request is answered by the annotation
             else:
                 self._prev_S[label] = rec.S + (self.failure_scores.get(t, {}).get(label, 0.0) if combined else 0.0)
             self._prev_area[label] = rec.area
@@ -466,35 +475,50 @@ class LazySession:
             if label in self.forced_user[t]:
                 return self._count_user(t, label)
         if (t, label) in self._replay.corrections:
+            self._delayed.pop(label, None)
             return self._count_user(t, label)
         value = S if cfg.trigger == "S" else dS
+        if label in self._delayed:  # a trigger fired: no other request until it asks
+            if t >= self._delayed[label] or t == len(self.frames) - 1:
+                del self._delayed[label]
+                return self._count_user(t, label)
+            return Decision.PSEUDO if cfg.pseudo and value is not None and value > cfg.tau_p else Decision.NONE
         if cfg.user and value is not None and value > cfg.tau_u and self._user_allowed(t, label):
-            return self._count_user(t, label)
+            return self._ask(t, label)
         if cfg.tau_s is not None:
             run = self._high_run[label] = self._high_run.get(label, 0) + 1 if S > cfg.tau_s else 0
             asked = self._level_asks.get(label, 0)
             if cfg.user and run >= cfg.level_run * 2 ** asked and self._user_allowed(t, label):
                 self._level_asks[label] = asked + 1
-                return self._count_user(t, label)
+                return self._ask(t, label)
         if cfg.user and cfg.fail_ask and cfg.tau_f is not None and F is not None:
             asked = self._fail_asks.get(label, 0)
             if F > cfg.tau_f + cfg.tau_f_step * asked and self._user_allowed(t, label):
                 self._fail_asks[label] = asked + 1
-                return self._count_user(t, label)
+                return self._ask(t, label)
         if cfg.user and cfg.tau_fi is not None and F is not None:
             total = self._fail_sum[label] = self._fail_sum.get(label, 0.0) + max(0.0, F - cfg.fi_floor)
             asked = self._fi_asks.get(label, 0)
             if total > cfg.tau_fi * 2 ** asked and self._user_allowed(t, label):
                 self._fi_asks[label] = asked + 1
-                return self._count_user(t, label)
+                return self._ask(t, label)
         if cfg.detect_loss and vanished and self._user_allowed(t, label):
-            return self._count_user(t, label)  # the propagator itself says the object just went
+            return self._ask(t, label)  # the propagator itself says the object just went
         prev_area = self._prev_area.get(label, 0)
         if (cfg.detect_loss and prev_area >= cfg.loss_min_area and area < cfg.loss_ratio * prev_area
                 and self._user_allowed(t, label)):
-            return self._count_user(t, label)
+            return self._ask(t, label)
         if cfg.pseudo and value is not None and value > cfg.tau_p:
             return Decision.PSEUDO
+        return Decision.NONE
+
+    def _ask(self, t: int, label: int) -> Decision:
+        """A trigger fired for ``label`` on frame t: ask now, or ask_delay frames later."""
+        decision = self._count_user(t, label)  # the triggers' sums and gaps start again from here
+        if self.config.ask_delay == 0 or t == len(self.frames) - 1:
+            return decision
+        self._n_user -= 1  # counted when it asks
+        self._delayed[label] = t + self.config.ask_delay
         return Decision.NONE
 
     def _user_allowed(self, t: int, label: int) -> bool:
@@ -574,7 +598,8 @@ class LazySession:
         return {"prev_S": dict(self._prev_S), "prev_area": dict(self._prev_area),
                 "prev_present": dict(self._prev_present), "last_user": dict(self._last_user), "n_user": self._n_user, "high_run": dict(self._high_run),
                 "level_asks": dict(self._level_asks), "fail_asks": dict(self._fail_asks),
-                "fail_sum": dict(self._fail_sum), "fi_asks": dict(self._fi_asks)}
+                "fail_sum": dict(self._fail_sum), "fi_asks": dict(self._fi_asks),
+                "delayed": dict(self._delayed)}
 
     def _restore_controller(self, state: dict[str, Any]) -> None:
         self._prev_S = dict(state["prev_S"])
@@ -587,11 +612,12 @@ class LazySession:
         self._fail_asks = dict(state["fail_asks"])
         self._fail_sum = dict(state["fail_sum"])
         self._fi_asks = dict(state["fi_asks"])
+        self._delayed = dict(state["delayed"])
 
     def _reset_controller(self) -> None:
         self._restore_controller({"prev_S": {}, "prev_area": {}, "prev_present": {}, "last_user": {}, "n_user": 0,
                                   "high_run": {}, "level_asks": {}, "fail_asks": {},
-                                  "fail_sum": {}, "fi_asks": {}})
+                                  "fail_sum": {}, "fi_asks": {}, "delayed": {}})
 
     def _periodic(self, t: int) -> bool:
         return t == self.start or (t - self.start) % max(1, self.config.snapshot_every) == 0

@@ -286,3 +286,50 @@ def test_fail_ask_off_leaves_tau_f_to_the_veto():
         assert lost
     assert asks[True] and not asks[False]
     assert writes[False] and all(w is False for w in writes[False])  # still vetoed
+
+
+def test_ask_delay_asks_k_frames_after_the_trigger_fired_and_on_the_last_frame_at_the_latest():
+    from lazyxmem_core import Correction
+
+    img, mask = scene()
+    n, k = 40, 6
+    given = {0: mask.astype(np.uint8)}
+    base = dict(pseudo=False, udu=False, tau_u=5.0, tau_s=None, score="combined", tau_f=0.5, tau_f_step=99.0)
+
+    def asked(session):
+        return [t for t, r in sorted(session.records.items()) if r.objects[1].decision is Decision.USER]
+
+    at_once = LazySession(Shrinking(img, mask, 30), FramesOf(img, n), given, config=LazyConfig(**base),
+                          user=whole_object(mask))
+    at_once.run()
+    fired = asked(at_once)[0]
+
+    shown: list[int] = []
+
+    def user(req):
+        shown.append(req.frame_index)
+        return Correction(mask=mask.copy())
+
+    delayed = LazySession(Shrinking(img, mask, 30), FramesOf(img, n), given, config=LazyConfig(**base, ask_delay=k),
+                          user=user)
+    delayed.run()
+    assert asked(delayed)[0] == shown[0] == fired + k and delayed._n_user == len(asked(delayed))
+    # Until it asks the object is left as it was (as with no request at all: F keeps rising);
+    # then the correction restarts F from the whole object.
+    plain = LazySession(Shrinking(img, mask, 30), FramesOf(img, n), given, config=LazyConfig(**base, user=False))
+    plain.run()
+    for t in range(1, fired + k):
+        assert delayed.failure_scores[t][1] == pytest.approx(plain.failure_scores[t][1])
+    assert delayed.failure_scores[fired + k - 1][1] > at_once.failure_scores[fired][1]
+    assert delayed.failure_scores[fired + k + 1][1] < 0.2
+
+    # Deferred: the delayed frame is the review frame; past the video's end it is the last frame.
+    deferred = LazySession(Shrinking(img, mask, 30), FramesOf(img, n), given, config=LazyConfig(**base, ask_delay=k))
+    deferred.run()
+    assert deferred.review_frames[0] == fired + k
+    late = LazySession(Shrinking(img, mask, 30), FramesOf(img, fired + 3), given, config=LazyConfig(**base, ask_delay=k))
+    late.run()
+    assert late.review_frames == [fired + 2]
+
+    with pytest.raises(ValueError, match="ask_delay"):
+        LazySession(Shrinking(img, mask, 30), FramesOf(img, n), given, config=LazyConfig(**base, ask_delay=-1))
