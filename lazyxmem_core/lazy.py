@@ -523,8 +523,8 @@ class LazySession:
 
     def _user_allowed(self, t: int, label: int) -> bool:
         cfg = self.config
-        if cfg.user_budget is not None and self._n_user >= cfg.user_budget:
-            return False
+        if cfg.user_budget is not None and self._n_user + len(self._delayed) >= cfg.user_budget:
+            return False  # delayed requests still to ask count against the budget
         last = self._last_user.get(label)
         return last is None or t - last > cfg.min_user_gap
 

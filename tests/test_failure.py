@@ -333,3 +333,55 @@ def test_ask_delay_asks_k_frames_after_the_trigger_fired_and_on_the_last_frame_a
 
     with pytest.raises(ValueError, match="ask_delay"):
         LazySession(Shrinking(img, mask, 30), FramesOf(img, n), given, config=LazyConfig(**base, ask_delay=-1))
+
+
+class TwoShrinking:
+    """Two copies of the scene's object, one above the other, each slowly losing its blue half."""
+
+    def __init__(self, mask: np.ndarray, n: int) -> None:
+        self.mask, self.n = mask, n
+        self.reset()
+
+    @property
+    def labels(self) -> list[int]:
+        return [1, 2]
+
+    def reset(self) -> None:
+        self.t = -1
+
+    def step(self, frame, given=None):
+        self.t += 1
+        m = shrinking(min(self.t, self.n - 1), self.n, self.mask)
+        q = min(0.99, 0.7 + 0.03 * self.t)
+        top = confident_probs(np.concatenate([m, np.zeros_like(m)]), q)[1]
+        bottom = confident_probs(np.concatenate([np.zeros_like(m), m]), q)[1]
+        return np.stack([1 - top - bottom, top, bottom])
+
+    def commit(self, mask=None, write=None):
+        return bool(write)
+
+    def snapshot(self):
+        return self.t
+
+    def restore(self, state):
+        self.t = state
+
+
+def test_delayed_requests_count_against_the_review_budget():
+    img, mask = scene()
+    two = np.concatenate([img, img])
+    n = 40
+    given = {0: np.concatenate([mask.astype(np.uint8), 2 * mask.astype(np.uint8)])}
+    base = dict(pseudo=False, udu=False, tau_u=5.0, tau_s=None, score="combined", tau_f=0.5, tau_f_step=99.0)
+
+    def requests(**extra):
+        session = LazySession(TwoShrinking(mask, 30), FramesOf(two, n), given, config=LazyConfig(**base, **extra))
+        session.run()
+        return [(t, v) for t, r in sorted(session.records.items()) for v, o in r.objects.items()
+                if o.decision is Decision.USER]
+
+    both = requests()
+    assert len(both) == 2 and both[0][0] == both[1][0]  # both objects fire on the same frame
+    assert len(requests(ask_delay=5)) == 2
+    assert requests(ask_delay=5, user_budget=1) == [(both[0][0] + 5, 1)]  # the second waits for no budget
+    assert requests(user_budget=1) == [(both[0][0], 1)]
