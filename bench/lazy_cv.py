@@ -14,11 +14,13 @@ Rand-Lazy's mean at the same budget (``margin``: the quantity the target is stat
 J&F (``lazy``, which favours spending the budget, as Rand-Lazy then does too); both rules are
 reported when every candidate has Rand-Lazy runs. The held-out margins Lazy - Rand-Lazy and
 Lazy - none are reported per fold and pooled, with the random draws' spread. Results are cached
-per run under --out (a rerun adds only what is new).
+per run under --out (a rerun adds only what is new; processes given parts of the grid can share
+one --out).
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import sys
@@ -73,6 +75,11 @@ GRID: dict[str, dict] = {
     # random frame on 5 of the 7 sequences with requests).
     **{f"fi2-20-delay{k}": {**PREVIOUS, "tau_f_step": 99.0, "tau_u": 99.0, "tau_s": None, "tau_fi": 20.0, "fi_floor": 2.0,
                             "ask_delay": k} for k in (10, 20)},
+    # fi2-20-delay20 that asks early where F falls back to fi_floor (LazyConfig.ask_clear; added
+    # when the end-to-end tests showed a 20-frame delay flags an object hidden for a few frames
+    # only after it is back).
+    "fi2-20-delay20-clear": {**PREVIOUS, "tau_f_step": 99.0, "tau_u": 99.0, "tau_s": None, "tau_fi": 20.0,
+                             "fi_floor": 2.0, "ask_delay": 20, "ask_clear": 2.0},
 }
 
 
@@ -91,12 +98,14 @@ def _config(config: LazyConfig) -> dict:
         values.pop("fail_ask", None)
     if values.get("ask_delay", 0) == 0:
         values.pop("ask_delay", None)
+    if values.get("ask_clear") is None:
+        values.pop("ask_clear", None)
     return values
 
 
 # What only the triggers read: Rand-Lazy (its requests forced, its triggers off) runs the same
 # whatever these are, so its cache key leaves them out and candidates share its runs.
-TRIGGER_ONLY = ("tau_u", "tau_s", "level_run", "tau_f_step", "fail_ask", "ask_delay", "min_user_gap", "tau_fi", "fi_floor", "user_budget",
+TRIGGER_ONLY = ("tau_u", "tau_s", "level_run", "tau_f_step", "fail_ask", "ask_delay", "ask_clear", "min_user_gap", "tau_fi", "fi_floor", "user_budget",
                 "detect_loss", "loss_ratio", "loss_min_area")
 
 
@@ -112,11 +121,25 @@ class Runner:
         self.cache_file = out / "cache.json"
         self.cache: dict[str, dict] = json.loads(self.cache_file.read_text()) if self.cache_file.is_file() else {}
 
+    def _merge(self, key: str | None = None, value: dict | None = None) -> None:
+        """Re-reads the cache file under a lock and adds ``key``: several processes (``--grid``
+        split between them) can fill one cache."""
+        with open(self.out / "cache.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.cache_file.is_file():
+                self.cache.update(json.loads(self.cache_file.read_text()))
+            if key is not None:
+                self.cache[key] = value
+                tmp = self.cache_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps(self.cache))
+                tmp.replace(self.cache_file)
+
     def _run(self, key: str, label: str, fn) -> dict:
         if key not in self.cache:
+            self._merge()
+        if key not in self.cache:
             t0 = time.perf_counter()
-            self.cache[key] = fn()
-            self.cache_file.write_text(json.dumps(self.cache))
+            self._merge(key, fn())
             print(f"{label:60s} J&F {100 * self.cache[key]['J&F']:5.1f} N_oI {self.cache[key]['N_oI']:2d} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
         return self.cache[key]

@@ -90,6 +90,10 @@ class LazyConfig:
     # correction is soon undone and repairs few frames; asked later, backward revision repairs
     # the frames since the onset and the correction reaches further into the rest of the loss.
     ask_delay: int = 0
+    # With ask_delay and "combined": a delayed request asks at once on the frame where the
+    # object's F has fallen to ask_clear (None: never early). A failure that ends within the delay
+    # (an object hidden for a few frames and back) is asked about where it ends, not after it.
+    ask_clear: float | None = None
     measure_failure: bool = True  # compute F (for reports) even when the triggers do not use it
 
     @classmethod
@@ -479,7 +483,8 @@ class LazySession:
             return self._count_user(t, label)
         value = S if cfg.trigger == "S" else dS
         if label in self._delayed:  # a trigger fired: no other request until it asks
-            if t >= self._delayed[label] or t == len(self.frames) - 1:
+            cleared = cfg.ask_clear is not None and F is not None and F <= cfg.ask_clear
+            if cleared or t >= self._delayed[label] or t == len(self.frames) - 1:
                 del self._delayed[label]
                 return self._count_user(t, label)
             return Decision.PSEUDO if cfg.pseudo and value is not None and value > cfg.tau_p else Decision.NONE

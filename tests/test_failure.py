@@ -335,6 +335,41 @@ def test_ask_delay_asks_k_frames_after_the_trigger_fired_and_on_the_last_frame_a
         LazySession(Shrinking(img, mask, 30), FramesOf(img, n), given, config=LazyConfig(**base, ask_delay=-1))
 
 
+
+class LostFor(Shrinking):
+    """A propagator that holds the whole object except on frames ``lost``, where it has only the
+    red half (an object hidden in part for a few frames, then back)."""
+
+    def __init__(self, img: np.ndarray, mask: np.ndarray, lost: range) -> None:
+        super().__init__(img, mask, 2)
+        self.lost = lost
+
+    def step(self, frame, given=None):
+        self.t += 1
+        m = shrinking(1, 2, self.mask) if self.t in self.lost else self.mask
+        return confident_probs(m, 0.9)
+
+
+def test_ask_clear_asks_a_delayed_request_where_the_failure_ends():
+    img, mask = scene()
+    n, lost = 40, range(10, 16)
+    given = {0: mask.astype(np.uint8)}
+    base = dict(pseudo=False, udu=False, tau_u=5.0, tau_s=None, score="combined", tau_f=0.5, tau_f_step=99.0,
+                ask_delay=20)
+    late = LazySession(LostFor(img, mask, lost), FramesOf(img, n), given, config=LazyConfig(**base))
+    late.run()
+    assert late.review_frames == [lost.start + 20]  # the object has been back for 14 frames
+    assert late.failure_scores[lost.stop][1] < 0.2 < 0.5 < late.failure_scores[lost.start][1]
+    clear = LazySession(LostFor(img, mask, lost), FramesOf(img, n), given, config=LazyConfig(**base, ask_clear=0.2))
+    clear.run()
+    assert clear.review_frames == [lost.stop]  # the first frame the object is back
+    # A failure that outlasts the delay is still asked about after ask_delay frames.
+    long = LazySession(LostFor(img, mask, range(10, 35)), FramesOf(img, n), given,
+                       config=LazyConfig(**base, ask_clear=0.2))
+    long.run()
+    assert long.review_frames == [30]
+
+
 class TwoShrinking:
     """Two copies of the scene's object, one above the other, each slowly losing its blue half."""
 
