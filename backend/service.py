@@ -90,7 +90,8 @@ class Service:
         self.gate = PriorityGate()
         # Projects that called /setup (webhooks are acted on for these only) and their configs.
         self.projects = ConnectedProjects(Path(settings.cache_dir) / "projects.json", self.redis)
-        self._version_checks: dict[int, tuple[float | None, bool]] = {}  # project -> (settled at, look pending)
+        # project -> (settled at, look pending, look again once it is done)
+        self._version_checks: dict[int, tuple[float | None, bool, bool]] = {}
         self._version_lock = threading.Lock()
         self._project_configs: dict[int, tuple[float, str]] = {}  # read back from Label Studio
         self.notifier = Notifier(self.on_notice, settings.max_pending_notices)
@@ -532,14 +533,18 @@ class Service:
         (``LabelStudioIO.show_our_version``), a moment from now in a timer thread: after /setup
         (Label Studio names the project's version right after it returns), after a /predict answer
         and after a post (Label Studio accepts a version only once a prediction carries it). One
-        look at a time per project; once settled, the next after ``VERSION_CHECK_S``."""
+        look at a time per project; an event during a look gets a look of its own after it unless
+        that one settled it (a post while the look a /predict set off is waiting, and that look
+        finds no prediction of ours yet); once settled, the next after ``VERSION_CHECK_S``."""
         if not isinstance(project, int) or not self.ls.configured:
             return
         with self._version_lock:
-            settled, pending = self._version_checks.get(project, (None, False))
-            if pending or (settled is not None and time.monotonic() - settled < VERSION_CHECK_S):
+            settled, pending, _ = self._version_checks.get(project, (None, False, False))
+            if settled is not None and time.monotonic() - settled < VERSION_CHECK_S:
                 return
-            self._version_checks[project] = (settled, True)
+            self._version_checks[project] = (settled, True, pending)
+            if pending:
+                return
 
         def check() -> None:
             settled = None
@@ -551,7 +556,10 @@ class Service:
                          upstream_status(exc) or type(exc).__name__)
             finally:
                 with self._version_lock:
-                    self._version_checks[project] = (settled, False)
+                    again = self._version_checks[project][2]
+                    self._version_checks[project] = (settled, False, False)
+            if again and settled is None:
+                self.check_version_soon(project)
 
         timer = threading.Timer(VERSION_DELAY_S, check)
         timer.daemon = True
