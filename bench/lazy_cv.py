@@ -149,12 +149,14 @@ class Runner:
                          lambda: self._figures(run_sequence(seq, "lazy", self.settings, config, "tp", "oracle")))
 
     def rand(self, seq: EvalSequence, config: LazyConfig, budget: int, seed: int) -> dict:
-        start = min(seq.initial_masks())
-        schedule = random_schedule(len(seq.frames), start, seq.labels, budget, seed)
+        def run() -> dict:  # the schedule only when the run is not cached (initial_masks reads every frame)
+            schedule = random_schedule(len(seq.frames), min(seq.initial_masks()), seq.labels, budget, seed)
+            return self._figures(run_sequence(seq, "rand-lazy", self.settings, config, "tp", "oracle",
+                                              forced_user=schedule))
+
         # Without requests the schedule is empty whatever the seed: one run serves every seed.
-        return self._run(_key("rand", seq.name, _rand_config(config), budget, seed if budget else 0), f"rand seed {seed} n={budget} {seq.name}",
-                         lambda: self._figures(run_sequence(seq, "rand-lazy", self.settings, config, "tp", "oracle",
-                                                            forced_user=schedule)))
+        return self._run(_key("rand", seq.name, _rand_config(config), budget, seed if budget else 0),
+                         f"rand seed {seed} n={budget} {seq.name}", run)
 
     def none(self, seq: EvalSequence) -> dict:
         return self._run(_key("none", seq.name), f"none {seq.name}",
