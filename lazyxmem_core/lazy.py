@@ -195,6 +195,9 @@ class LazySession:
                              f"got {self.config.max_snapshots}")
         if self.config.ask_delay < 0:
             raise ValueError(f"ask_delay must be >= 0 frames, got {self.config.ask_delay}")
+        if self.config.ask_clear is not None and self.config.score != "combined":
+            raise ValueError("ask_clear compares the failure score F, which the triggers see only with "
+                             "score='combined': set score='combined' or leave ask_clear unset")
         if self.config.tau_s is not None and self.config.level_run < 1:
             raise ValueError(f"level_run must be >= 1 frame, got {self.config.level_run}")
         if self.config.pseudo and self.refiner is None:

@@ -368,6 +368,9 @@ def test_ask_clear_asks_a_delayed_request_where_the_failure_ends():
                        config=LazyConfig(**base, ask_clear=0.2))
     long.run()
     assert long.review_frames == [30]
+    with pytest.raises(ValueError, match="ask_clear"):
+        LazySession(LostFor(img, mask, lost), FramesOf(img, n), given,
+                    config=LazyConfig(**{**base, "score": "S"}, ask_clear=0.2))
 
 
 class TwoShrinking:
