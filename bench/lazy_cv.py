@@ -44,11 +44,11 @@ from lazyxmem_core.lazy import LazyConfig  # noqa: E402
 # Candidates: overrides of the engine's Lazy thresholds, each naming every value it changes so the
 # grid means the same whatever the current defaults are. "previous" is what shipped before this
 # cross-validation (tau_u 1.0, tau_s 5 for 15 frames, tau_f 2.5 rising by 2.5, 8 frames apart);
-# "fi2-20-only" is the setting it chose by Lazy's J&F, the engine's default
-# (EmbeddedPropagator.lazy_thresholds); "fi2-20-delay20" (the same, each request 20 frames after
-# its trigger fired) has the largest margin over Rand-Lazy (not shipped: see the README).
+# "fi2-20-only" is what it chose by Lazy's J&F with 5 Rand-Lazy seeds (shipped until the 20-seed
+# run); "fi2-20-delay20-clear", the margin rule's pick with 20 seeds, is the engine's default
+# (EmbeddedPropagator.lazy_thresholds).
 PREVIOUS = {"tau_u": 1.0, "tau_s": 5.0, "level_run": 15, "tau_f": 2.5, "tau_f_step": 2.5, "min_user_gap": 8,
-            "tau_fi": None, "fi_floor": 2.0, "fail_ask": True, "ask_delay": 0}
+            "tau_fi": None, "fi_floor": 2.0, "fail_ask": True, "ask_delay": 0, "ask_clear": None}
 GRID: dict[str, dict] = {
     "previous": PREVIOUS,
     "tauf2.0": {**PREVIOUS, "tau_f": 2.0},

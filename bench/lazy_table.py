@@ -1,13 +1,14 @@
 """The Lazy benchmark (first-frame masks only), all modes and both correction kinds side by side.
 
     python bench/lazy_table.py [--data DIR] [--engine embedded] [--refiner embedded] [--rand-seeds 5]
-                               [--score combined|S] [--out runs/bench]
+                               [--score combined|S] [--jobs 1] [--out runs/bench]
 
 Rows: no interaction; then for each correction kind -- ``click`` (the TP robot's click, turned
 into a mask by the refiner: GrabCut for the embedded one) and ``mask`` (the ground-truth mask, an
 upper bound on what a correction can give) -- Lazy and Rand-Lazy at Lazy's budget per sequence
-(one run per seed, and their mean; below the table the draws' spread and Lazy's margins). Columns: the paper's Table S1 figures, fps, the Lazy layer's
-share of the time, and the pooled Spearman with 1 - IoU of S alone and of S + F (the failure
+(one run per seed; the table gives their mean, below it the draws' spread and Lazy's margins,
+and ``bench.json`` each draw). Columns: the paper's Table S1 figures, fps, the Lazy layer's share
+of the time, and the pooled Spearman with 1 - IoU of S alone and of S + F (the failure
 score, ``lazyxmem_core/failure.py``). A second table gives the per-sequence Spearman of the run
 without interaction, and, for data with ``composites.FOLDS``, the figures per fold. Writes
 ``table.md`` (the README's table) and ``bench.json`` under --out.
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -56,32 +58,45 @@ def main() -> None:
     p.add_argument("--score", choices=("combined", "S"), default=None,
                    help="what the triggers use (default: the engine's; S = the paper's triggers)")
     p.add_argument("--no-backward", action="store_true", help="corrections change only the frames after them")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, one process each (the fps column then shares the cores between them)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     a = p.parse_args()
     settings = EngineSettings(engine=a.engine, refiner=a.refiner)
     config = lazy_config(settings, backward=False if a.no_backward else None, score=a.score)
     out = Path(a.out)
-    summaries: dict[str, dict] = {}
+    kinds = a.kinds.split(",")
+    seeds = range(a.seed, a.seed + max(1, a.rand_seeds))
+    futures: dict[str, Future] = {}
 
-    def run(key: str, mode: str, correction: str = "refiner", seed: int = 0, budgets: dict | None = None) -> dict:
-        summaries[key] = evaluate(a.data, out / key.replace(" ", "_").replace(",", ""), mode=mode, settings=settings,
-                                  config=config, robot="tp", correction=correction, seed=seed, save_masks=False,
-                                  budgets=budgets, show_progress=False)
-        print(_row(key, summaries[key]), flush=True)
-        return summaries[key]
+    with ProcessPoolExecutor(max(1, a.jobs)) as pool:
+        def submit(key: str, mode: str, correction: str = "refiner", seed: int = 0, budgets: dict | None = None) -> None:
+            futures[key] = pool.submit(evaluate, a.data, out / key.replace(" ", "_").replace(",", ""), mode=mode,
+                                       settings=settings, config=config, robot="tp", correction=correction, seed=seed,
+                                       save_masks=False, budgets=budgets, show_progress=False)
+            futures[key].add_done_callback(lambda f: f.exception() or print(_row(key, f.result()), flush=True))
 
-    run("none", "none")
+        submit("none", "none")
+        for kind in kinds:
+            submit(f"Lazy, {kind}", "lazy", KINDS[kind])
+        for kind in kinds:  # Rand-Lazy spends Lazy's number of requests per sequence
+            budgets = {name: s["N_oI"] for name, s in futures[f"Lazy, {kind}"].result()["sequences"].items()}
+            for seed in seeds:
+                submit(f"Rand-Lazy, {kind}, seed {seed}", "rand-lazy", KINDS[kind], seed, budgets)
+        runs = {key: f.result() for key, f in futures.items()}
+
+    # The table: no interaction, then per kind Lazy and the mean of the Rand-Lazy draws (each draw
+    # is in bench.json; their spread is in the margins below).
+    summaries: dict[str, dict] = {"none": runs["none"]}
+    draws: dict[str, list[dict]] = {}
     margins = ["", "Lazy against the random draws (J&F):", "",
                "| correction | Lazy | Rand-Lazy mean | sd | min-max | Lazy - Rand-Lazy mean | Lazy - none | draws Lazy beats | rate % |",
                "|---|---|---|---|---|---|---|---|---|"]
-    for kind in a.kinds.split(","):
-        correction = KINDS[kind]
-        lazy = run(f"Lazy, {kind}", "lazy", correction)
-        budgets = {name: s["N_oI"] for name, s in lazy["sequences"].items()}
-        seeds = range(a.seed, a.seed + max(1, a.rand_seeds))
-        runs = [run(f"Rand-Lazy, {kind}, seed {seed}", "rand-lazy", correction, seed, budgets) for seed in seeds]
-        summaries[f"Rand-Lazy, {kind}, mean of {len(runs)}"] = _mean(runs)
-        jf = [r["J&F"] for r in runs]
+    for kind in kinds:
+        lazy = summaries[f"Lazy, {kind}"] = runs[f"Lazy, {kind}"]
+        draws[kind] = [runs[f"Rand-Lazy, {kind}, seed {seed}"] for seed in seeds]
+        summaries[f"Rand-Lazy, {kind}, mean of {len(seeds)}"] = _mean(draws[kind])
+        jf = [r["J&F"] for r in draws[kind]]
         margins.append(
             f"| {kind} | {100 * lazy['J&F']:.1f} | {100 * np.mean(jf):.1f} | "
             f"{100 * np.std(jf, ddof=1) if len(jf) > 1 else float('nan'):.1f} | {100 * min(jf):.1f}-{100 * max(jf):.1f} | "
@@ -95,27 +110,31 @@ def main() -> None:
                "| sequence | J&F | S | S+F |", "|---|---|---|---|"]
     for name, s in summaries["none"]["sequences"].items():
         per_seq.append(f"| {name} | {100 * s['J&F']:.1f} | {s['spearman_S_error']:.3f} | {s['spearman_failure_error']:.3f} |")
-    folds = _folds(summaries)
+    folds = _folds(summaries, draws)
     table = "\n".join(rows + margins + per_seq + folds)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")
-    (out / "bench.json").write_text(json.dumps(summaries, indent=2, default=float))
+    (out / "bench.json").write_text(json.dumps({**summaries, **runs}, indent=2, default=float))
 
 
-def _folds(summaries: dict[str, dict]) -> list[str]:
-    """Mean J&F per cross-validation fold for each run (data named as the development folds)."""
+def _folds(summaries: dict[str, dict], draws: dict[str, list[dict]]) -> list[str]:
+    """Mean J&F per cross-validation fold for each row (data named as the development folds); for
+    Rand-Lazy the mean over its draws."""
     names = list(summaries["none"]["sequences"])
     try:
         fold = {n: fold_of(n) for n in names}
     except ValueError:
         return []
+
+    def means(s: dict) -> list[float]:
+        return [float(np.mean([s["sequences"][n]["J&F"] for n in names if fold[n] == k] or [np.nan])) for k in (0, 1)]
+
     lines = ["", "J&F per fold (mean over its sequences):", "", "| mode | fold 0 | fold 1 |", "|---|---|---|"]
     for key, s in summaries.items():
-        if "sequences" not in s:
-            continue
-        means = [np.mean([s["sequences"][n]["J&F"] for n in names if fold[n] == k] or [np.nan]) for k in (0, 1)]
-        lines.append(f"| {key} | {100 * means[0]:.1f} | {100 * means[1]:.1f} |")
+        kind = key.split(", ")[1] if key.startswith("Rand-Lazy") else None
+        m = np.mean([means(r) for r in draws[kind]], axis=0) if kind else means(s)
+        lines.append(f"| {key} | {100 * m[0]:.1f} | {100 * m[1]:.1f} |")
     return lines
 
 

@@ -408,7 +408,11 @@ def test_sustained_trigger_is_settable_for_the_embedded_engine_and_can_be_switch
     # sustained run off by default (the integrated failure trigger asks instead), and it is
     # switched on by giving tau_s (--tau-s, TAU_S), on the S + F scale.
     assert lazy_config(embedded).tau_s is None and lazy_config(embedded).tau_fi == 20.0
-    assert lazy_config(embedded).ask_delay == 0 and LazyConfig().ask_delay == 0  # ask where a trigger fires, as the paper
+    # The paper asks where a trigger fires; the embedded engine asks 20 frames later, or where F
+    # falls back to 2 (cross-validated), and an override reaches it.
+    assert LazyConfig().ask_delay == 0 and LazyConfig().ask_clear is None
+    assert lazy_config(embedded).ask_delay == 20 and lazy_config(embedded).ask_clear == 2.0
+    assert lazy_config(embedded, ask_delay=0).ask_delay == 0
     assert lazy_config(embedded, tau_s=5.0).tau_s == 5.0 and lazy_config(embedded).level_run == 15
     assert lazy_config(embedded).score == "combined" and LazyConfig().score == "S"
     assert lazy_config(embedded).veto_f and not LazyConfig().veto_f

@@ -53,28 +53,24 @@ class EmbeddedPropagator:
     # -0.10 on unseen DAVIS video), so its triggers use S + F, F the object-level failure score
     # (lazyxmem_core/failure.py), on that score's scale, from its distribution without interaction
     # on the development data. Requests: F above 2.5 (about its 70th percentile: an object whose
-    # colours lost a third of the anchor's) asks once per object (tau_f_step 99); then the
-    # integrated trigger asks when F's excess over 2 summed since the object's last request passes
-    # 20 (40, 80, ... for the next ones): a drift F sees only moderately is asked about once it has
-    # cost frames, and backward revision repairs the frames before the request. The dS request
-    # (tau_u 99: dS of S + F never reaches it) and the sustained run are off; dS of S + F above
-    # its 95th percentile (0.35) pseudo-corrects (with a refiner that can: SAM). The UDU veto on
-    # S (97th percentile 1.2) and on F > tau_f (veto_f). Requests for one object at least 8
-    # frames apart. The request parameters were chosen by cross-validation (bench/lazy_cv.py:
-    # 16 settings, Lazy's J&F with ground-truth corrections under the 2 % budget, chosen on one
-    # fold of five development sequences and scored on the other): this setting is the best on
-    # the whole development set and on each fold within the budget but for a 0.03 J&F tie on
-    # fold 0; Lazy 76.5 against Rand-Lazy 73.0 (mean of 5 seeds) and no interaction 64.6 at
-    # 1.79 % of object-frames (5 seeds; with 20 seeds Rand-Lazy's mean is 74.1). The composites
-    # were not used to choose. With 20 Rand-Lazy seeds the margin rule of bench/lazy_cv.py picks
-    # asking 20 frames after a trigger fires, early where F falls back to 2 (ask_delay 20,
-    # ask_clear 2.0: 76.4 against 72.5 at 1.38 %) on the whole development set and on fold 1
-    # (level with ask_delay alone on fold 0); held out +3.8 over Rand-Lazy. It is the next
-    # setting to ship, once the README's tables and the end-to-end tests have been run with it
-    # (ask_clear keeps a short failure's review frame where the failure ends).
+    # colours lost a third of the anchor's) fires once per object (tau_f_step 99); then the
+    # integrated trigger fires when F's excess over 2 summed since the object's last request passes
+    # 20 (40, 80, ... for the next ones): a drift F sees only moderately fires once it has cost
+    # frames. A fired request is asked 20 frames later (ask_delay), or at once on the frame where
+    # F falls back to 2 (ask_clear): the review frame lands inside a failure that lasts, where a
+    # correction repairs the most frames (backward revision repairs those before it), and where a
+    # short failure ends. The dS request (tau_u 99: dS of S + F never reaches it) and the
+    # sustained run are off; dS of S + F above its 95th percentile (0.35) pseudo-corrects (with a
+    # refiner that can: SAM). The UDU veto on S (97th percentile 1.2) and on F > tau_f (veto_f).
+    # Requests for one object at least 8 frames apart. Chosen by cross-validation
+    # (bench/lazy_cv.py: 19 settings, ground-truth corrections under the 2 % budget, Lazy's margin
+    # over Rand-Lazy (mean of 20 seeds) chosen on one fold of five development sequences and
+    # scored on the other): held out +3.8 J&F over Rand-Lazy and +11.8 over no interaction at
+    # 1.38 % of object-frames; on the whole development set 76.4 against 72.5 and 64.6. The
+    # composites were not used to choose.
     lazy_thresholds = {"tau_u": 99.0, "tau_p": 0.35, "tau_m": 1.2, "min_user_gap": 8, "tau_s": None, "level_run": 15,
                        "score": "combined", "tau_f": 2.5, "tau_f_step": 99.0, "veto_f": True,
-                       "tau_fi": 20.0, "fi_floor": 2.0}
+                       "tau_fi": 20.0, "fi_floor": 2.0, "ask_delay": 20, "ask_clear": 2.0}
 
     def __init__(
         self,
