@@ -57,8 +57,9 @@ class EmbeddedPropagator:
     # integrated trigger fires when F's excess over 2 summed since the object's last request passes
     # 20 (40, 80, ... for the next ones): a drift F sees only moderately fires once it has cost
     # frames. A fired request is asked 20 frames later (ask_delay), or at once on the frame where
-    # F falls back to 2 (ask_clear): the review frame lands inside a failure that lasts, where a
-    # correction repairs the most frames (backward revision repairs those before it), and where a
+    # F falls back to 2 (ask_clear): the review frame lands inside a failure that lasts (a
+    # ground-truth correction at the onset of a loss gained less than one at a random frame on 5
+    # of 7 development sequences; backward revision repairs the frames before it), and where a
     # short failure ends. The dS request (tau_u 99: dS of S + F never reaches it) and the
     # sustained run are off; dS of S + F above its 95th percentile (0.35) pseudo-corrects (with a
     # refiner that can: SAM). The UDU veto on S (97th percentile 1.2) and on F > tau_f (veto_f).
