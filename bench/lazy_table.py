@@ -88,15 +88,16 @@ def main() -> None:
     # The table: no interaction, then per kind Lazy and the mean of the Rand-Lazy draws (each draw
     # is in bench.json; their spread is in the margins below).
     summaries: dict[str, dict] = {"none": runs["none"]}
-    draws: dict[str, list[dict]] = {}
+    draws: dict[str, list[dict]] = {}  # a mean row's key -> the runs it averages
     margins = ["", "Lazy against the random draws (J&F):", "",
                "| correction | Lazy | Rand-Lazy mean | sd | min-max | Lazy - Rand-Lazy mean | Lazy - none | draws Lazy beats | rate % |",
                "|---|---|---|---|---|---|---|---|---|"]
     for kind in kinds:
         lazy = summaries[f"Lazy, {kind}"] = runs[f"Lazy, {kind}"]
-        draws[kind] = [runs[f"Rand-Lazy, {kind}, seed {seed}"] for seed in seeds]
-        summaries[f"Rand-Lazy, {kind}, mean of {len(seeds)}"] = _mean(draws[kind])
-        jf = [r["J&F"] for r in draws[kind]]
+        mean_key = f"Rand-Lazy, {kind}, mean of {len(seeds)}"
+        draws[mean_key] = [runs[f"Rand-Lazy, {kind}, seed {seed}"] for seed in seeds]
+        summaries[mean_key] = _mean(draws[mean_key])
+        jf = [r["J&F"] for r in draws[mean_key]]
         margins.append(
             f"| {kind} | {100 * lazy['J&F']:.1f} | {100 * np.mean(jf):.1f} | "
             f"{100 * np.std(jf, ddof=1) if len(jf) > 1 else float('nan'):.1f} | {100 * min(jf):.1f}-{100 * max(jf):.1f} | "
@@ -132,8 +133,7 @@ def _folds(summaries: dict[str, dict], draws: dict[str, list[dict]]) -> list[str
 
     lines = ["", "J&F per fold (mean over its sequences):", "", "| mode | fold 0 | fold 1 |", "|---|---|---|"]
     for key, s in summaries.items():
-        kind = key.split(", ")[1] if key.startswith("Rand-Lazy") else None
-        m = np.mean([means(r) for r in draws[kind]], axis=0) if kind else means(s)
+        m = np.mean([means(r) for r in draws[key]], axis=0) if key in draws else means(s)
         lines.append(f"| {key} | {100 * m[0]:.1f} | {100 * m[1]:.1f} |")
     return lines
 

@@ -156,7 +156,12 @@ def lazy_config(settings: EngineSettings, sustained: bool = True, **overrides: A
         thresholds["pseudo"] = False
     # A correction revises the frames before it too (not in the paper): with ground-truth masks as
     # corrections it adds 1.7 J&F on DAVIS 2016 (67.2 -> 68.9) at the same 9 corrections.
-    values = {"backward": True, **thresholds, **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values = {"backward": True, **thresholds, **given}
+    if values.get("score", "S") != "combined" and "ask_clear" not in given:
+        # An engine's ask_clear is on its failure score F, which the triggers see only with the
+        # combined score: asking for S alone (the paper's triggers) leaves it out.
+        values.pop("ask_clear", None)
     if not sustained:
         values["tau_s"] = None
     return LazyConfig(**values)

@@ -413,6 +413,11 @@ def test_sustained_trigger_is_settable_for_the_embedded_engine_and_can_be_switch
     assert LazyConfig().ask_delay == 0 and LazyConfig().ask_clear is None
     assert lazy_config(embedded).ask_delay == 20 and lazy_config(embedded).ask_clear == 2.0
     assert lazy_config(embedded, ask_delay=0).ask_delay == 0
+    # The paper's S-only triggers on the embedded engine: its ask_clear (on F) is left out, so the
+    # configuration makes a session instead of being refused.
+    s_only = lazy_config(embedded, score="S")
+    assert s_only.score == "S" and s_only.ask_clear is None and s_only.ask_delay == 20
+    LazySession(ScriptedPropagator(SCRIPT), FRAMES, {0: first_mask()}, config=s_only).run()
     assert lazy_config(embedded, tau_s=5.0).tau_s == 5.0 and lazy_config(embedded).level_run == 15
     assert lazy_config(embedded).score == "combined" and LazyConfig().score == "S"
     assert lazy_config(embedded).veto_f and not LazyConfig().veto_f
