@@ -35,15 +35,19 @@ from lazyxmem_core.evaluation import evaluate  # noqa: E402
 KINDS = {"click": "refiner", "mask": "oracle"}  # row label -> the evaluation's correction mode
 
 
-def _row(name: str, s: dict, pct_rate: bool = True) -> str:
+def _row(name: str, s: dict) -> str:
     return (f"| {name} | {100 * s['J&F']:.1f} | {100 * s['J']:.1f} | {100 * s['F']:.1f} | {100 * s['R@0.5']:.1f} | "
             f"{s['N_oI']:.1f} | {100 * s['interaction_rate']:.2f} | {s['fps']:.1f} | "
             f"{100 * s['lazy_overhead']:.1f} % | {s['spearman_S_error']:.3f} | {s['spearman_failure_error']:.3f} |")
 
 
 def _mean(runs: list[dict]) -> dict:
+    """The runs' mean figures, over all sequences and per sequence."""
     keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return {k: float(np.mean([r[k] for r in runs])) for k in keys}
+    mean = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+    if "sequences" in runs[0]:
+        mean["sequences"] = {n: _mean([r["sequences"][n] for r in runs]) for n in runs[0]["sequences"]}
+    return mean
 
 
 def main() -> None:
@@ -88,16 +92,14 @@ def main() -> None:
     # The table: no interaction, then per kind Lazy and the mean of the Rand-Lazy draws (each draw
     # is in bench.json; their spread is in the margins below).
     summaries: dict[str, dict] = {"none": runs["none"]}
-    draws: dict[str, list[dict]] = {}  # a mean row's key -> the runs it averages
     margins = ["", "Lazy against the random draws (J&F):", "",
                "| correction | Lazy | Rand-Lazy mean | sd | min-max | Lazy - Rand-Lazy mean | Lazy - none | draws Lazy beats | rate % |",
                "|---|---|---|---|---|---|---|---|---|"]
     for kind in kinds:
         lazy = summaries[f"Lazy, {kind}"] = runs[f"Lazy, {kind}"]
-        mean_key = f"Rand-Lazy, {kind}, mean of {len(seeds)}"
-        draws[mean_key] = [runs[f"Rand-Lazy, {kind}, seed {seed}"] for seed in seeds]
-        summaries[mean_key] = _mean(draws[mean_key])
-        jf = [r["J&F"] for r in draws[mean_key]]
+        draws = [runs[f"Rand-Lazy, {kind}, seed {seed}"] for seed in seeds]
+        summaries[f"Rand-Lazy, {kind}, mean of {len(seeds)}"] = _mean(draws)
+        jf = [r["J&F"] for r in draws]
         margins.append(
             f"| {kind} | {100 * lazy['J&F']:.1f} | {100 * np.mean(jf):.1f} | "
             f"{100 * np.std(jf, ddof=1) if len(jf) > 1 else float('nan'):.1f} | {100 * min(jf):.1f}-{100 * max(jf):.1f} | "
@@ -111,7 +113,7 @@ def main() -> None:
                "| sequence | J&F | S | S+F |", "|---|---|---|---|"]
     for name, s in summaries["none"]["sequences"].items():
         per_seq.append(f"| {name} | {100 * s['J&F']:.1f} | {s['spearman_S_error']:.3f} | {s['spearman_failure_error']:.3f} |")
-    folds = _folds(summaries, draws)
+    folds = _folds(summaries)
     table = "\n".join(rows + margins + per_seq + folds)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,22 +121,17 @@ def main() -> None:
     (out / "bench.json").write_text(json.dumps({**summaries, **runs}, indent=2, default=float))
 
 
-def _folds(summaries: dict[str, dict], draws: dict[str, list[dict]]) -> list[str]:
-    """Mean J&F per cross-validation fold for each row (data named as the development folds); for
-    Rand-Lazy the mean over its draws."""
+def _folds(summaries: dict[str, dict]) -> list[str]:
+    """Mean J&F per cross-validation fold for each row (data named as the development folds)."""
     names = list(summaries["none"]["sequences"])
     try:
         fold = {n: fold_of(n) for n in names}
     except ValueError:
         return []
-
-    def means(s: dict) -> list[float]:
-        return [float(np.mean([s["sequences"][n]["J&F"] for n in names if fold[n] == k] or [np.nan])) for k in (0, 1)]
-
     lines = ["", "J&F per fold (mean over its sequences):", "", "| mode | fold 0 | fold 1 |", "|---|---|---|"]
     for key, s in summaries.items():
-        m = np.mean([means(r) for r in draws[key]], axis=0) if key in draws else means(s)
-        lines.append(f"| {key} | {100 * m[0]:.1f} | {100 * m[1]:.1f} |")
+        means = [np.mean([s["sequences"][n]["J&F"] for n in names if fold[n] == k] or [np.nan]) for k in (0, 1)]
+        lines.append(f"| {key} | {100 * means[0]:.1f} | {100 * means[1]:.1f} |")
     return lines
 
 
